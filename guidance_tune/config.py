@@ -1,0 +1,246 @@
+"""The typed configuration tree: every field, its default and its meaning, in one place.
+
+Configs enter from YAML files, CLI ``--set key=value`` overrides and MLflow ``config.json``
+artifacts; all three go through :func:`load_run_config` / :func:`parse_run_config`, which
+reject unknown keys and name the offending field. Inside the package the types are trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the field and the fix. The CLI exits 2 on it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """A network built by name: ours (``deep_fcn``), torchvision's (``resnet18``) or a user
+    factory (``package.module:factory``). The guide is declared exactly like the target."""
+
+    name: str = Field(description="registry name, torchvision model name or 'pkg.mod:factory'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the builder")
+    init_seed: int | None = Field(
+        default=None,
+        description="seed for the initial weights; None derives it from the run seed, so an "
+        "untrained guide does not depend on what was built before it",
+    )
+    weights: Path | None = Field(
+        default=None, description="local state-dict file loaded with weights_only=True"
+    )
+
+
+class DataConfig(_Strict):
+    name: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = (
+        "synthetic"
+    )
+    root: Path | None = Field(
+        default=None, description="dataset directory; None uses the dataset's usual place"
+    )
+    download: bool = Field(default=False, description="allow torchvision to download CIFAR")
+    n_train: int | None = Field(
+        default=None, ge=1, description="keep only this many training samples (seeded subset)"
+    )
+    val_fraction: float = Field(
+        default=0.1, gt=0, lt=1, description="share of the training set held out for validation"
+    )
+    use_test_split: bool = Field(
+        default=False, description="validate on the official test split instead of a held-out part"
+    )
+    split_seed: int = Field(default=0, description="seed of the train/val split and subset")
+    image_size: int | None = Field(
+        default=None, ge=4, description="resize images to this side; None keeps the native size"
+    )
+    augment: bool = Field(default=False, description="random crop + horizontal flip on the device")
+    synthetic_samples: int = Field(default=4096, ge=16, description="synthetic: samples generated")
+    synthetic_classes: int = Field(default=10, ge=2, description="synthetic: number of patterns")
+    synthetic_size: int = Field(default=32, ge=12, description="synthetic: canvas side in pixels")
+    num_workers: int = Field(default=4, ge=0, description="imagefolder only: loader processes")
+
+
+class GuidanceConfig(_Strict):
+    """What is added to the task loss. ``kind: none`` is the unguided baseline."""
+
+    kind: Literal["alignment", "distillation", "none"] = "alignment"
+    weight: float = Field(default=1.0, ge=0, description="multiplies the summed guidance term")
+    metric: Literal["cka", "debiased_cka", "rsa"] = Field(
+        default="cka", description="similarity: the paper's biased linear CKA, debiased, or RSA"
+    )
+    mapping: Literal["authors", "all_pairs", "explicit"] = Field(
+        default="authors",
+        description="authors: even spread, later guide layers overwrite earlier ones on a shared "
+        "target layer; all_pairs: same spread, every pair summed; explicit: the pairs below",
+    )
+    pairs: list[tuple[str, str]] = Field(
+        default_factory=list, description="explicit mapping: [target layer, guide layer] paths"
+    )
+    guide_layers: str = Field(
+        default="all",
+        description="subset of guide layers before the spread: all, first_half, last_half, "
+        "every_K, range_A_B (indices A..B-1) or a comma list of indices/paths",
+    )
+    guided_steps: int | None = Field(
+        default=None, ge=0, description="apply guidance for the first N steps only; None: always"
+    )
+    guide_inputs: Literal["data", "noise"] = Field(
+        default="data", description="noise: the guide sees noise, the target real data (authors)"
+    )
+    temperature: float = Field(default=4.0, gt=0, description="distillation softmax temperature")
+
+
+class NoiseWarmupConfig(_Strict):
+    """A phase of ``steps`` steps before training in which the guide sees noise."""
+
+    steps: int = Field(default=0, ge=0, description="length of the noise phase; 0 disables it")
+    inputs: Literal["guide_only", "shared"] = Field(
+        default="guide_only",
+        description="guide_only: guide on noise, target on the real batch (the authors' code); "
+        "shared: both networks see the same noise",
+    )
+    task_loss: bool = Field(default=False, description="also train on the task during the phase")
+    noise: Literal["clamped_gaussian", "normal"] = Field(
+        default="clamped_gaussian",
+        description="clamped_gaussian: the authors' N(0,1)+0.1N(0,1) clamped to [0,1]; normal",
+    )
+
+    @model_validator(mode="after")
+    def _task_loss_needs_real_inputs(self) -> NoiseWarmupConfig:
+        if self.task_loss and self.inputs == "shared":
+            raise ValueError(
+                "noise_warmup.task_loss needs the target to see real data: set "
+                "noise_warmup.inputs to guide_only or task_loss to false"
+            )
+        return self
+
+
+class OptimConfig(_Strict):
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd only")
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    step_epochs: int = Field(default=30, ge=1, description="step schedule: epochs between decays")
+    gamma: float = Field(default=0.1, gt=0, le=1, description="step schedule: decay factor")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=256, ge=1, description="also the CKA sample size")
+    eval_batch_size: int = Field(default=1024, ge=1)
+    max_steps_per_epoch: int | None = Field(
+        default=None, ge=1, description="cut epochs short (smoke runs)"
+    )
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = Field(
+        default="bf16", description="bf16 autocast on CUDA; CPU runs always use fp32"
+    )
+    nonfinite_check_steps: int = Field(
+        default=50, ge=1, description="steps between checks for a non-finite loss (a host sync)"
+    )
+
+
+class RunConfig(_Strict):
+    """One training run: what a standalone run, a rerun and every study trial execute."""
+
+    name: str = "run"
+    target: ModelConfig = Field(default_factory=lambda: ModelConfig(name="deep_fcn"))
+    guide: ModelConfig | None = Field(default_factory=lambda: ModelConfig(name="resnet18"))
+    data: DataConfig = Field(default_factory=DataConfig)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    noise_warmup: NoiseWarmupConfig = Field(default_factory=NoiseWarmupConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _guide_when_guided(self) -> RunConfig:
+        needs_guide = self.guidance.kind != "none" or self.noise_warmup.steps > 0
+        if needs_guide and self.guide is None:
+            raise ValueError(
+                f"guidance.kind is {self.guidance.kind!r} but no guide is configured: add a "
+                "'guide:' section or set guidance.kind to none"
+            )
+        if self.guidance.mapping == "explicit" and not self.guidance.pairs:
+            raise ValueError(
+                "guidance.mapping is explicit but guidance.pairs is empty: list "
+                "[target_layer, guide_layer] pairs (see `guidance-tune layers`)"
+            )
+        minimum = {"cka": 2, "rsa": 3, "debiased_cka": 4}[self.guidance.metric]
+        if self.guidance.kind == "alignment" and self.train.batch_size < minimum:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} is too small for guidance.metric "
+                f"{self.guidance.metric!r}: it needs at least {minimum} samples per batch"
+            )
+        return self
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key: remove it or check its spelling"
+        lines.append(f"  {field}: {message}")
+    return "\n".join(lines)
+
+
+def parse_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings; values are parsed as YAML (``3e-4``, ``null``,
+    ``[a, b]``) so the typed validation that follows sees numbers, not strings."""
+    data = json.loads(json.dumps(data, default=str))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: write it as section.field=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {part} is not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[leaf] = raw
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_run_config(data, source=str(path))
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    """JSON-safe dict that :func:`parse_run_config` turns back into an equal config."""
+    return config.model_dump(mode="json")
