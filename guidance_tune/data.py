@@ -1,0 +1,290 @@
+"""Train/val splits and their batches, for every dataset named in :class:`DataConfig`.
+
+Small datasets live whole on the training device (as in airbench and hlb-CIFAR10): a batch is
+an index tensor, and normalisation, augmentation and resizing run there, vectorised. Only
+``imagefolder`` streams from disk through worker processes.
+
+Every random choice of an epoch (order, crops, flips) comes from a generator seeded by
+``(seed, epoch)`` alone, so epoch k's batches are the same whether or not the run was
+resumed: there is no loader state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from guidance_tune.config import ConfigError, DataConfig
+from guidance_tune.datasets import READERS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BatchSource(Protocol):
+    """One split, batched. ``x``: float32 ``(b, C, H, W)`` normalised, on the source's device;
+    ``y``: int64 ``(b,)``. ``num_batches`` is exactly how many batches ``batches`` yields."""
+
+    num_samples: int
+
+    def num_batches(self, batch_size: int, *, drop_last: bool) -> int: ...
+
+    def batches(
+        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+@dataclass
+class DataSplits:
+    train: BatchSource
+    val: BatchSource
+    in_channels: int
+    image_size: int
+    num_classes: int
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends on ``(seed, epoch)`` only; hashing keeps nearby pairs
+    such as (0, 1) and (1, 0) unrelated."""
+    digest = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def count_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
+def split_indices(n: int, config: DataConfig, *, hold_out: bool) -> tuple[Tensor, Tensor]:
+    """Seeded ``(train, val)`` indices into the official training set of size ``n``.
+
+    ``hold_out`` puts ``val_fraction`` of it into val (otherwise val is empty: the caller
+    validates elsewhere). ``n_train`` then keeps a prefix of the shuffled training part, so a
+    smaller subset is contained in a larger one for the same ``split_seed``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.split_seed))
+    n_val = min(n - 1, max(1, round(n * config.val_fraction))) if hold_out else 0
+    train, val = order[n_val:], order[:n_val]
+    if config.n_train is not None:
+        if config.n_train > len(train):
+            raise ConfigError(
+                f"data.n_train {config.n_train} is larger than the {len(train)} training "
+                f"samples of {config.name}: lower data.n_train or data.val_fraction"
+            )
+        train = train[: config.n_train]
+    return train.sort().values, val.sort().values
+
+
+def crop_padding(side: int) -> int:
+    """4 px at CIFAR's 32 px (airbench), scaled with the side so 8 px digits move by 1."""
+    return max(1, round(side / 8))
+
+
+def random_crop_flip(images: Tensor, shifts: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Reflect-pad by ``padding``, crop back at offsets ``shifts``, mirror where ``flips``.
+
+    images: (b, C, H, W); shifts: (b, 2) rows/cols offsets in [0, 2 * padding]; flips: (b,)
+    bool. One gather crops the whole batch: no loop over images."""
+    b, c, h, w = images.shape
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    rows = shifts[:, :1] + torch.arange(h, device=images.device)
+    cols = shifts[:, 1:] + torch.arange(w, device=images.device)
+    batch = torch.arange(b, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    cropped = padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+    return torch.where(flips[:, None, None, None], cropped.flip(-1), cropped)
+
+
+class TensorSource:
+    """A split held whole on the device: images ``(n, C, H, W)`` (uint8 or float), labels
+    ``(n,)``, and the training split's per-channel ``mean``/``std`` ``(C,)``."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        stats: tuple[Tensor, Tensor],
+        *,
+        image_size: int | None,
+        augment: bool,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.mean, self.std = (s.to(images.device).view(1, -1, 1, 1) for s in stats)
+        self.image_size, self.augment = image_size, augment
+        self.num_samples = len(labels)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool) -> int:
+        return count_batches(self.num_samples, batch_size, drop_last)
+
+    def batches(
+        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        n, device = self.num_samples, self.images.device
+        generator = epoch_generator(seed, epoch)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        padding = crop_padding(self.images.shape[-1])
+        shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator).to(device)
+        flips = (torch.rand(n, generator=generator) < 0.5).to(device)
+        order = order.to(device)
+        stop = self.num_batches(batch_size, drop_last=drop_last) * batch_size
+        for start in range(0, stop, batch_size):
+            index = order[start : start + batch_size]
+            images = (self.images[index].float() - self.mean) / self.std
+            if self.augment:
+                window = slice(start, start + batch_size)
+                images = random_crop_flip(images, shifts[window], flips[window], padding)
+            yield self._resize(images), self.labels[index]
+
+    def _resize(self, images: Tensor) -> Tensor:
+        size = self.image_size
+        if size is None or images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+
+
+def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std ``(C,)`` of images ``(n, C, H, W)``, on their device."""
+    std, mean = torch.std_mean(images.float(), dim=(0, 2, 3))
+    return mean, std.clamp_min(1e-6)
+
+
+def load_data(config: DataConfig, device: torch.device) -> DataSplits:
+    """Read, split and place a dataset on ``device``; both splits are normalised with the
+    statistics of the training part, so validation sees what training saw."""
+    if config.name == "imagefolder":
+        return load_imagefolder(config, device)
+    raw = READERS[config.name](config)
+    train_index, val_index = split_indices(
+        len(raw.train_labels), config, hold_out=not config.use_test_split
+    )
+    if config.use_test_split:
+        if raw.test_images is None or raw.test_labels is None:
+            raise ConfigError(
+                f"data.use_test_split: {config.name} has no official test split; set it to "
+                "false to hold out data.val_fraction of the training set"
+            )
+        val_images, val_labels = raw.test_images, raw.test_labels
+    else:
+        val_images, val_labels = raw.train_images[val_index], raw.train_labels[val_index]
+    train_images = raw.train_images[train_index].to(device)
+    stats = channel_stats(train_images)
+    resize = {"image_size": config.image_size}
+    train = TensorSource(
+        train_images,
+        raw.train_labels[train_index].to(device),
+        stats,
+        **resize,
+        augment=config.augment,
+    )
+    val = TensorSource(val_images.to(device), val_labels.to(device), stats, **resize, augment=False)
+    _, channels, side, _ = train_images.shape
+    return DataSplits(train, val, channels, config.image_size or side, raw.num_classes)
+
+
+def sample_batch(splits: DataSplits, n: int) -> Tensor:
+    """The first ``n`` training images (fewer if the split is smaller), normalised, for
+    discovering layer shapes; augmented like any training batch when augmentation is on."""
+    images, _ = next(splits.train.batches(n, epoch=0, seed=0, shuffle=False, drop_last=False))
+    return images
+
+
+class _SeededImages(torch.utils.data.Dataset):
+    """An ImageFolder whose item key carries a seed: the transform runs under it, so
+    augmentation depends on ``(seed, epoch)`` only, not on worker count or global RNG."""
+
+    def __init__(self, folder: torch.utils.data.Dataset) -> None:
+        self.folder = folder
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):  # CPU state only, restored on exit
+            torch.default_generator.manual_seed(seed)
+            return self.folder[index]
+
+
+class ImageFolderSource:
+    """A split streamed from disk by a DataLoader with ``num_workers`` processes, for data
+    too large for the device (ImageNet layout)."""
+
+    def __init__(
+        self,
+        folder: torch.utils.data.Dataset,
+        indices: Tensor,
+        device: torch.device,
+        num_workers: int,
+    ) -> None:
+        self.images, self.indices = _SeededImages(folder), indices
+        self.device, self.num_workers = device, num_workers
+        self.num_samples = len(indices)
+
+    def num_batches(self, batch_size: int, *, drop_last: bool) -> int:
+        return count_batches(self.num_samples, batch_size, drop_last)
+
+    def batches(
+        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = epoch_generator(seed, epoch)
+        order = self.indices
+        if shuffle:
+            order = order[torch.randperm(self.num_samples, generator=generator)]
+        sample_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        loader = torch.utils.data.DataLoader(
+            self.images,
+            batch_size=batch_size,
+            sampler=list(zip(order.tolist(), sample_seeds.tolist(), strict=True)),
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=generator,  # worker base seeds: keeps the global RNG untouched
+        )
+        for images, labels in loader:
+            yield (
+                images.to(self.device, non_blocking=True),
+                labels.to(self.device, non_blocking=True),
+            )
+
+
+def _imagefolder_transforms(size: int, augment: bool) -> tuple[object, object]:
+    """Torchvision's reference recipe: random resized crop + flip for training, resize to
+    size * 256 / 224 and centre crop for evaluation; ImageNet normalisation."""
+    from torchvision import transforms as T
+
+    evaluate = [T.Resize(int(size * 256 / 224)), T.CenterCrop(size)]
+    train = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else evaluate
+    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(train + tail), T.Compose(evaluate + tail)
+
+
+def load_imagefolder(config: DataConfig, device: torch.device) -> DataSplits:
+    """``root/train/<class>/*`` and ``root/val/<class>/*``; val is always the val folder."""
+    from torchvision.datasets import ImageFolder
+
+    if config.root is None:
+        raise ConfigError("data.root must be set for imagefolder (a folder with train/ and val/)")
+    size = config.image_size or 224
+    folders = []
+    for split, transform in zip(
+        ("train", "val"), _imagefolder_transforms(size, config.augment), strict=True
+    ):
+        path = config.root / split
+        if not path.is_dir():
+            raise ConfigError(f"data.root {config.root}: imagefolder needs {path}/<class>/ images")
+        try:
+            folders.append(ImageFolder(str(path), transform=transform))
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.root {config.root}: {error}") from None
+    train, val = folders
+    if train.classes != val.classes:
+        raise ConfigError(f"data.root {config.root}: train/ and val/ hold different class folders")
+    train_index, _ = split_indices(len(train), config, hold_out=False)
+    return DataSplits(
+        ImageFolderSource(train, train_index, device, config.num_workers),
+        ImageFolderSource(val, torch.arange(len(val)), device, config.num_workers),
+        in_channels=3,
+        image_size=size,
+        num_classes=len(train.classes),
+    )
