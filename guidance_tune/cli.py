@@ -1,0 +1,164 @@
+"""``guidance-tune``: the command line. Thin wiring around ``train``, ``layers`` and ``tracking``.
+
+Bad input (a config, a model name, a layer that does not exist) prints one message naming the
+field and the fix and exits with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from guidance_tune.config import ConfigError, load_run_config
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_train(commands) -> None:
+    parser = commands.add_parser("train", help="train one run from a YAML config")
+    parser.add_argument("config", type=Path, help="run config (YAML), e.g. studies/quickstart.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set optim.lr=3e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="log the run to MLflow at this URI (default: $MLFLOW_TRACKING_URI if set, else "
+        "no MLflow logging)",
+    )
+    parser.add_argument("--experiment", default="guidance-tune", help="MLflow experiment name")
+    parser.add_argument("--checkpoint", type=Path, help="save the latest epoch's state here")
+    parser.add_argument("--resume", type=Path, help="continue from a --checkpoint file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_train)
+
+
+def _add_layers(commands) -> None:
+    parser = commands.add_parser(
+        "layers", help="list a model's hookable layers and the pairs a mapping makes"
+    )
+    parser.add_argument("target", help="target model name, e.g. deep_fcn")
+    parser.add_argument("--guide", help="guide model name, e.g. resnet18")
+    parser.add_argument(
+        "--mapping", default="authors", choices=["authors", "all_pairs"], help="layer mapping"
+    )
+    parser.add_argument("--guide-layers", default="all", help="guide layer subset, e.g. every_2")
+    parser.add_argument("--in-channels", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.set_defaults(handler=_layers)
+
+
+def _train(args: argparse.Namespace) -> int:
+
+    from guidance_tune.checkpoint import load_checkpoint
+    from guidance_tune.reporting import CheckpointFile, ConsoleReporter, Reporters, print_summary
+    from guidance_tune.train import build_run, fit
+
+    config = load_run_config(args.config, args.overrides)
+    run = build_run(config)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    reporters = [ConsoleReporter(config.train.epochs, enabled=not args.quiet)]
+    if args.checkpoint:
+        reporters.append(CheckpointFile(args.checkpoint))
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow_reporter = _start_mlflow(tracking_uri, args.experiment, config) if tracking_uri else None
+    if mlflow_reporter is not None:
+        reporters.append(mlflow_reporter)
+    status = "failed"
+    try:
+        result = fit(run, Reporters(reporters), checkpoint)
+        status = result.status
+    finally:
+        if mlflow_reporter is not None:
+            mlflow_reporter.close(status)
+    print_summary(result, mlflow_reporter.run.run_id if mlflow_reporter else None)
+    return 0 if result.status == "finished" else 1
+
+
+def _start_mlflow(tracking_uri: str, experiment: str, config):
+    from guidance_tune.tracking import (
+        MlflowReporter,
+        MlflowRun,
+        ensure_experiment,
+        resolve_tracking_uri,
+    )
+
+    uri = resolve_tracking_uri(tracking_uri)
+    run = MlflowRun.create(uri, ensure_experiment(uri, experiment), config.name)
+    run.log_config(config)
+    return MlflowReporter(run)
+
+
+def _layers(args: argparse.Namespace) -> int:
+    import torch
+
+    from guidance_tune.config import ModelConfig
+    from guidance_tune.layers import build_pairs, discover_layers
+    from guidance_tune.models import create_model
+
+    shape = {
+        "in_channels": args.in_channels,
+        "image_size": args.image_size,
+        "num_classes": args.num_classes,
+    }
+    sample = torch.randn(2, args.in_channels, args.image_size, args.image_size)
+    names = {}
+    for role, name in (("target", args.target), ("guide", args.guide)):
+        if name is None:
+            continue
+        model = create_model(ModelConfig(name=name), seed=0, **shape).eval()
+        layers = discover_layers(model, sample)
+        print(f"{role} {name}: {len(layers)} hookable layers (logits layer left out)")
+        for index, layer in enumerate(layers):
+            shape_text = "x".join(map(str, layer.shape))
+            print(f"  {index:3d}  {layer.name:<32} {layer.type_name:<20} {shape_text}")
+        names[role] = [layer.name for layer in layers]
+    if args.guide is None:
+        return 0
+    try:
+        pairs = build_pairs(
+            names["target"], names["guide"], mapping=args.mapping, guide_subset=args.guide_layers
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    print(f"{args.mapping} mapping: {len(pairs)} pairs (target <- guide)")
+    for target_name, guide_name in pairs:
+        t, g = names["target"].index(target_name), names["guide"].index(guide_name)
+        print(f"  ({t:3d}, {g:3d})  {target_name:<32} <- {guide_name}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guidance-tune",
+        description="Guidance (training untrainable networks with a frozen guide) and its studies",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_layers):
+        add(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"guidance-tune: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("guidance-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The guidance term: what a frozen guide adds to a target's task loss on each step.
+
+Three lines in any training loop::
+
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    logits = target(x)                                    # hooks capture the mapped layers
+    loss = F.cross_entropy(logits, y) + guidance(x, logits)
+
+The task forward is the captured one (the authors run the target twice), the guide runs once
+under ``no_grad`` in eval mode and keeps only one b x b matrix per pair, and all pairs reduce
+in one batched product. Per-pair similarities accumulate on the device and are read once per
+epoch, so a step has no host sync.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from guidance_tune.alignment import get_metric, paired_similarities
+from guidance_tune.config import GuidanceConfig
+from guidance_tune.layers import LayerCapture, build_pairs, discover_layers
+
+
+def make_noise(like: Tensor, kind: str) -> Tensor:
+    """Noise inputs shaped like a batch, drawn on its device from the global RNG.
+
+    ``clamped_gaussian`` is the authors' generator: N(0,1) + 0.1 N(0,1) clamped to [0, 1]
+    (about half the pixels exactly 0), not normalised like the data.
+    """
+    if kind == "clamped_gaussian":
+        return (torch.randn_like(like) + 0.1 * torch.randn_like(like)).clamp(0, 1)
+    if kind == "normal":
+        return torch.randn_like(like)
+    raise ValueError(f"unknown noise {kind!r}: choose clamped_gaussian or normal")
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module):
+    """Layer discovery must not update BatchNorm statistics or draw dropout masks."""
+    modes = [[m.training for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for model, flags in zip(models, modes, strict=True):
+            for module, flag in zip(model.modules(), flags, strict=True):
+                module.training = flag
+
+
+class GuideTerm:
+    """What every guidance loss shares: a frozen guide, a weight and the guided-steps schedule."""
+
+    def __init__(self, guide: nn.Module, config: GuidanceConfig) -> None:
+        self.guide = guide.eval().requires_grad_(False)
+        self.config = config
+        self.step = 0
+        self.in_noise_warmup = False
+
+    @property
+    def active(self) -> bool:
+        """False once the guided steps are over: the guide then never runs. The noise warm-up
+        phase comes before training and does not count as guided steps."""
+        if self.in_noise_warmup:
+            return True
+        return self.config.guided_steps is None or self.step < self.config.guided_steps
+
+    @contextmanager
+    def noise_warmup(self):
+        """Run the term regardless of the schedule, without advancing it."""
+        step, self.in_noise_warmup = self.step, True
+        try:
+            yield
+        finally:
+            self.step, self.in_noise_warmup = step, False
+
+    def _guide_inputs(self, inputs: Tensor, guide_inputs: Tensor | None) -> Tensor:
+        if guide_inputs is not None:
+            return guide_inputs
+        if self.config.guide_inputs == "noise":
+            return make_noise(inputs, "clamped_gaussian")
+        return inputs
+
+    def _run_guide(self, inputs: Tensor) -> Tensor:
+        self.guide.eval()
+        with torch.no_grad():
+            return self.guide(inputs)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def pop_similarities(self) -> dict[str, float]:
+        return {}
+
+
+class Guidance(GuideTerm):
+    """``weight * sum over pairs (1 - similarity(target layer, guide layer))``."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        guide: nn.Module,
+        sample_input: Tensor,
+        config: GuidanceConfig | None = None,
+    ) -> None:
+        super().__init__(guide, config or GuidanceConfig())
+        self.target = target
+        self.metric = get_metric(self.config.metric)
+        with _eval_mode(target, guide):
+            target_layers = [layer.name for layer in discover_layers(target, sample_input)]
+            guide_layers = [layer.name for layer in discover_layers(guide, sample_input)]
+        self.pairs = build_pairs(
+            target_layers,
+            guide_layers,
+            mapping=self.config.mapping,
+            guide_subset=self.config.guide_layers,
+            explicit=self.config.pairs,
+        )
+        self._target_capture = LayerCapture(
+            target,
+            list(dict.fromkeys(t for t, _ in self.pairs)),
+            self.metric.represent,
+            should_capture=self._capturing_target,
+        )
+        self._guide_capture = LayerCapture(
+            guide, list(dict.fromkeys(g for _, g in self.pairs)), self.metric.represent
+        )
+        self._similarity_sum = torch.zeros(())
+        self._steps_summed = 0
+
+    def _capturing_target(self) -> bool:
+        return self.active and self.target.training and torch.is_grad_enabled()
+
+    def pair_labels(self) -> list[str]:
+        """Metric-key-safe names of the pairs, ``target:guide``."""
+        return [f"{t}:{g}".replace("#", "_call") for t, g in self.pairs]
+
+    def __call__(
+        self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
+    ) -> Tensor:
+        """The loss term for the batch the target has just seen in train mode."""
+        if not self.active:
+            self.step += 1
+            return torch.zeros((), device=inputs.device)
+        self.metric.check_batch(inputs.shape[0])
+        captured = self._target_capture.captured
+        missing = [t for t, _ in self.pairs if t not in captured]
+        if missing:
+            raise RuntimeError(
+                f"no activation captured for target layer {missing[0]!r}: call target(x) in "
+                "train mode with gradients enabled before guidance(x)"
+            )
+        self._guide_capture.clear()
+        self._run_guide(self._guide_inputs(inputs, guide_inputs))
+        target_reps = torch.stack([captured[t] for t, _ in self.pairs])
+        guide_reps = torch.stack([self._guide_capture.captured[g] for _, g in self.pairs])
+        similarities = paired_similarities(target_reps, guide_reps)
+        self._accumulate(similarities.detach())
+        self._target_capture.clear()
+        self._guide_capture.clear()
+        self.step += 1
+        return self.config.weight * (1.0 - similarities).sum()
+
+    def _accumulate(self, similarities: Tensor) -> None:
+        if self._steps_summed == 0:
+            self._similarity_sum = torch.zeros_like(similarities)
+        self._similarity_sum += similarities
+        self._steps_summed += 1
+
+    def pop_similarities(self) -> dict[str, float]:
+        """Mean similarity per pair since the last call (one host sync), then reset."""
+        if self._steps_summed == 0:
+            return {}
+        means = (self._similarity_sum / self._steps_summed).tolist()
+        self._steps_summed = 0
+        return dict(zip(self.pair_labels(), means, strict=True))
+
+    def remove(self) -> None:
+        """Detach the hooks from both networks."""
+        self._target_capture.remove()
+        self._guide_capture.remove()
+
+
+class LogitDistillation(GuideTerm):
+    """The paper's baseline: KL(guide softmax || target softmax) at temperature T, times T^2.
+
+    Same schedule and guide inputs as :class:`Guidance`, so the comparison is one config field.
+    """
+
+    def __call__(
+        self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
+    ) -> Tensor:
+        if not self.active:
+            self.step += 1
+            return torch.zeros((), device=inputs.device)
+        if logits is None:
+            raise ValueError("distillation needs the target's logits: call term(x, logits)")
+        guide_logits = self._run_guide(self._guide_inputs(inputs, guide_inputs))
+        if guide_logits.shape != logits.shape:
+            raise ValueError(
+                f"distillation needs guide logits shaped like the target's: guide gives "
+                f"{tuple(guide_logits.shape)}, target {tuple(logits.shape)}; build the guide "
+                "with the dataset's class count (drop num_classes from guide.kwargs)"
+            )
+        t = self.config.temperature
+        kl = F.kl_div(
+            F.log_softmax(logits.float() / t, dim=1),
+            F.log_softmax(guide_logits.float() / t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        self.step += 1
+        return self.config.weight * kl * t * t
+
+
+def build_guide_term(
+    target: nn.Module,
+    guide: nn.Module | None,
+    sample_input: Tensor,
+    config: GuidanceConfig,
+    *,
+    noise_warmup: bool = False,
+) -> GuideTerm | None:
+    """The term a run's config asks for; None for the unguided baseline. An unguided run with a
+    noise warm-up gets an alignment term that is active only during the warm-up."""
+    if guide is None or (config.kind == "none" and not noise_warmup):
+        return None
+    if config.kind == "none":
+        config = config.model_copy(update={"kind": "alignment", "guided_steps": 0})
+    if config.kind == "distillation":
+        return LogitDistillation(guide, config)
+    return Guidance(target, guide, sample_input, config)

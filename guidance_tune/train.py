@@ -1,0 +1,312 @@
+"""The one training function. Standalone runs, reruns and every Ray Tune trial call
+``train(config, reporter)``; it knows nothing of Ray or MLflow, only the reporter it is given.
+
+Reads top to bottom: set-up, (noise warm-up), then per epoch: train, evaluate, report with a
+checkpoint a reporter may save. Resuming from such a checkpoint continues bitwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from guidance_tune.checkpoint import rng_state, seed_everything, set_rng_state
+from guidance_tune.config import ConfigError, RunConfig, config_to_dict
+from guidance_tune.data import DataSplits, load_data, sample_batch
+from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
+from guidance_tune.models import create_model
+
+Checkpoint = dict[str, Any]
+
+
+class Reporter:
+    """Receives progress. The default does nothing; the CLI, MLflow and Tune adapters override."""
+
+    def step(self, epoch: int, done: int, total: int) -> None:
+        """Called after every optimiser step: ``done`` of ``total`` in ``epoch`` (keep it cheap)."""
+
+    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
+        """Called once per epoch; ``checkpoint()`` builds the state to save, if wanted. It shares
+        tensors with the live run: save or copy it before returning, don't keep it."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" or "diverged"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, built once from the config."""
+
+    config: RunConfig
+    device: torch.device
+    data: DataSplits
+    target: nn.Module
+    guide: nn.Module | None
+    term: GuideTerm | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.config.train.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is cuda but no GPU is visible: set train.device to auto")
+    return torch.device(name)
+
+
+def build_optimizer(config: RunConfig, params) -> tuple[torch.optim.Optimizer, Any]:
+    o = config.optim
+    if o.optimizer == "sgd":
+        optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+        )
+    else:
+        factory = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+        optimizer = factory(params, lr=o.lr, weight_decay=o.weight_decay)
+    schedulers = {
+        "constant": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0),
+        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.train.epochs
+        ),
+        "step": lambda: torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=o.step_epochs, gamma=o.gamma
+        ),
+    }
+    return optimizer, schedulers[o.schedule]()
+
+
+def build_run(config: RunConfig) -> Run:
+    """Everything a run needs, or a ConfigError naming the field, before anything is logged."""
+    device = resolve_device(config.train.device)
+    seed_everything(config.train.seed)
+    data = load_data(config.data, device)
+    if data.train.num_batches(config.train.batch_size, drop_last=True) == 0:
+        raise ConfigError(
+            f"train.batch_size {config.train.batch_size} exceeds the {data.train.num_samples} "
+            "training samples: lower it or use more data (data.n_train)"
+        )
+    shape = {
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+    }
+    target = create_model(config.target, seed=config.train.seed, **shape).to(device)
+    guide = None
+    warmup = config.noise_warmup.steps > 0
+    if config.guide is not None and (config.guidance.kind != "none" or warmup):
+        guide = create_model(config.guide, seed=config.train.seed + 1, **shape).to(device)
+    try:
+        term = build_guide_term(
+            target, guide, sample_batch(data, 2), config.guidance, noise_warmup=warmup
+        )
+    except ValueError as error:
+        raise ConfigError(f"guidance: {error}") from None
+    optimizer, scheduler = build_optimizer(config, target.parameters())
+    return Run(config, device, data, target, guide, term, optimizer, scheduler)
+
+
+def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
+    """One forward of the target (the captured one) and the loss terms, on the device."""
+    with run.autocast():
+        logits = run.target(x)
+        task = F.cross_entropy(logits.float(), y)
+        if run.term is None:
+            return task, torch.zeros((), device=x.device)
+        return task, run.term(x, logits, guide_inputs=guide_x)
+
+
+def run_noise_warmup(run: Run) -> None:
+    """The pre-training phase in which the guide sees noise (and, if shared, the target too)."""
+    warmup = run.config.noise_warmup
+    batch_size = run.config.train.batch_size
+    done = 0
+    run.target.train()
+    for warmup_pass in itertools.count(1):
+        # negative epochs: the warm-up draws its own batch orders, not those of epochs 0, 1 ...
+        for x, y in run.data.train.batches(
+            batch_size, epoch=-warmup_pass, seed=run.config.train.seed, shuffle=True, drop_last=True
+        ):
+            noise = make_noise(x, warmup.noise)
+            target_x = noise if warmup.inputs == "shared" else x
+            with run.term.noise_warmup():
+                task, guidance = guided_loss(run, target_x, y, guide_x=noise)
+            loss = task + guidance if warmup.task_loss else guidance
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            done += 1
+            if done == warmup.steps:
+                run.term.pop_similarities()
+                return
+
+
+def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float]:
+    """Metrics accumulate on the device; the only host syncs are the periodic finite check."""
+    cfg = run.config.train
+    total = run.data.train.num_batches(cfg.batch_size, drop_last=True)
+    if cfg.max_steps_per_epoch is not None:
+        total = min(total, cfg.max_steps_per_epoch)
+    sums = torch.zeros(3, device=run.device)  # loss, task, guidance
+    steps = 0
+    run.target.train()
+    batches = run.data.train.batches(
+        cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True, drop_last=True
+    )
+    for x, y in batches:
+        task, guidance = guided_loss(run, x, y)
+        loss = task + guidance
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        sums += torch.stack([loss.detach(), task.detach(), guidance.detach()]).float()
+        steps += 1
+        run.step += 1
+        reporter.step(epoch, steps, total)
+        if steps % cfg.nonfinite_check_steps == 0 and not torch.isfinite(sums[0]):
+            break
+        if steps == total:
+            break
+    loss, task, guidance = (sums / max(steps, 1)).tolist()
+    metrics = {"train/loss": loss, "train/task_loss": task, "train/guidance_loss": guidance}
+    if run.term is not None:
+        metric = run.config.guidance.metric
+        for pair, value in run.term.pop_similarities().items():
+            metrics[f"train/{metric}/{pair}"] = value
+    metrics["samples"] = float(steps * cfg.batch_size)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    run.target.eval()
+    sums = torch.zeros(3, device=run.device)  # loss, top1, top5
+    k = min(5, run.data.num_classes)
+    for x, y in run.data.val.batches(
+        run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
+    ):
+        with run.autocast():
+            logits = run.target(x).float()
+        top = logits.topk(k, dim=1).indices
+        hits = top == y[:, None]
+        sums += torch.stack(
+            [F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum()]
+        ).float()
+    loss, top1, top5 = (sums / run.data.val.num_samples).tolist()
+    metrics = {"val/loss": loss, "val/top1": top1}
+    if run.data.num_classes > 5:
+        metrics["val/top5"] = top5
+    return metrics
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
+
+
+def update_best(run: Run, metrics: dict[str, float]) -> None:
+    """Best-so-far values, so a study ranks trials by their best epoch, not their last."""
+    for key, better in (("val/loss", min), ("val/top1", max), ("val/top5", max)):
+        if key in metrics and math.isfinite(metrics[key]):
+            name = "best/" + key.removeprefix("val/")
+            run.best[name] = better(run.best.get(name, metrics[key]), metrics[key])
+    metrics.update(run.best)
+
+
+def make_checkpoint(run: Run, epoch: int) -> Checkpoint:
+    return {
+        "epoch": epoch,
+        "step": run.step,
+        "config": config_to_dict(run.config),
+        "target": run.target.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "term": run.term.state_dict() if run.term is not None else None,
+        "best": dict(run.best),
+        "history": list(run.history),
+        "rng": rng_state(),
+    }
+
+
+def restore(run: Run, checkpoint: Checkpoint) -> int:
+    """Load a checkpoint into a freshly built run; returns the epoch to continue with."""
+    run.target.load_state_dict(checkpoint["target"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    if run.term is not None and checkpoint["term"] is not None:
+        run.term.load_state_dict(checkpoint["term"])
+    run.step = checkpoint["step"]
+    run.best = dict(checkpoint["best"])
+    run.history = list(checkpoint["history"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["epoch"] + 1
+
+
+def fit(run: Run, reporter: Reporter | None = None, checkpoint: Checkpoint | None = None):
+    """The loop over epochs; resumes from ``checkpoint`` if given."""
+    reporter = reporter or Reporter()
+    config = run.config
+    if checkpoint is not None:
+        start = restore(run, checkpoint)
+    else:
+        start = 0
+        if config.noise_warmup.steps > 0:
+            run_noise_warmup(run)
+    for epoch in range(start, config.train.epochs):
+        started = time.perf_counter()
+        metrics = train_one_epoch(run, epoch, reporter)
+        diverged = not math.isfinite(metrics["train/loss"])
+        if not diverged:
+            metrics.update(evaluate(run))
+        seconds = time.perf_counter() - started
+        metrics.update(
+            epoch=float(epoch),
+            step=float(run.step),
+            lr=run.optimizer.param_groups[0]["lr"],
+            epoch_seconds=seconds,
+            samples_per_second=metrics.pop("samples") / seconds,
+            peak_memory_gib=peak_memory_gib(run.device),
+            diverged=float(diverged),
+        )
+        run.scheduler.step()
+        update_best(run, metrics)
+        run.history.append(metrics)
+        reporter.epoch(metrics, lambda epoch=epoch: make_checkpoint(run, epoch))
+        if diverged:
+            return TrainResult("diverged", run.history)
+    return TrainResult("finished", run.history)
+
+
+def train(
+    config: RunConfig, reporter: Reporter | None = None, checkpoint: Checkpoint | None = None
+) -> TrainResult:
+    """Train ``config.target`` (guided as the config says); resume from ``checkpoint`` if given."""
+    return fit(build_run(config), reporter, checkpoint)

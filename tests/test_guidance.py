@@ -1,0 +1,194 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guidance_tune.config import GuidanceConfig, ModelConfig
+from guidance_tune.guidance import Guidance, LogitDistillation
+from guidance_tune.models import create_model
+
+SHAPE = {"in_channels": 1, "image_size": 16, "num_classes": 10}
+
+
+def _fcn(depth=6, seed=0):
+    spec = ModelConfig(name="deep_fcn", kwargs={"depth": depth, "first_width": 32, "width": 16})
+    return create_model(spec, seed=seed, **SHAPE)
+
+
+def _resnet18(seed=1):
+    return create_model(ModelConfig(name="resnet18"), seed=seed, **SHAPE)
+
+
+def _batch(b=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 1, 16, 16, generator=generator), torch.randint(0, 10, (b,))
+
+
+class CallCounter:
+    def __init__(self, module: nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+
+def _guided_steps(target, guidance, steps, lr=1e-2):
+    optimizer = torch.optim.Adam(target.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        x, y = _batch(seed=step)
+        target.train()
+        logits = target(x)
+        loss = F.cross_entropy(logits, y) + guidance(x, logits)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_three_lines_add_guidance_to_a_plain_loop():
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    logits = target(x)
+    loss = guidance(x, logits)
+    loss.backward()
+    assert len(guidance.pairs) == 6  # 21 ResNet-18 layers spread over 6 target layers
+    assert 0 < loss.item() <= len(guidance.pairs)
+    assert target.blocks[0].linear.weight.grad is not None
+
+
+def test_one_target_forward_and_one_guide_forward_per_guided_step():
+    target, guide = _fcn(), _resnet18()
+    guidance = Guidance(target, guide, sample_input=_batch()[0][:2])
+    target_calls, guide_calls = CallCounter(target), CallCounter(guide)
+    _guided_steps(target, guidance, steps=3)
+    assert target_calls.calls == 3
+    assert guide_calls.calls == 3
+
+
+def test_guide_is_bitwise_unchanged_and_gets_no_gradient():
+    target, guide = _fcn(), _resnet18()
+    guide.train()  # even a guide handed over in train mode must keep its BatchNorm statistics
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    guidance = Guidance(target, guide, sample_input=_batch()[0][:2])
+    _guided_steps(target, guidance, steps=3)
+    after = guide.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in guide.parameters())
+
+
+def test_guidance_keeps_only_b_by_b_matrices_of_the_guide():
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch(b=12)
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    guide(x)  # what the guide's hooks keep from one forward
+    kept = guidance._guide_capture.captured
+    assert kept and all(matrix.shape == (12, 12) for matrix in kept.values())
+    target.train()
+    guidance(x, target(x))
+    assert guidance._guide_capture.captured == {}
+    assert guidance._target_capture.captured == {}
+
+
+def test_after_the_guided_steps_the_guide_never_runs():
+    target, guide = _fcn(), _resnet18()
+    config = GuidanceConfig(guided_steps=2)
+    guidance = Guidance(target, guide, sample_input=_batch()[0][:2], config=config)
+    guide_calls = CallCounter(guide)
+    _guided_steps(target, guidance, steps=5)
+    assert guide_calls.calls == 2
+    x, _ = _batch()
+    assert guidance(x, target(x)).item() == 0.0
+
+
+def test_guidance_raises_alignment_of_the_mapped_layers():
+    target, guide = _fcn(depth=4), _resnet18()
+    x, _ = _batch(b=32)
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    optimizer = torch.optim.Adam(target.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        target.train()
+        loss = guidance(x, target(x))
+        first = first if first is not None else guidance.pop_similarities()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    guidance.pop_similarities()
+    guidance(x, target(x))
+    last = guidance.pop_similarities()
+    assert list(first) == list(last) == guidance.pair_labels()
+    assert sum(last.values()) > sum(first.values()) + 0.5
+
+
+def test_noise_inputs_reach_the_guide_but_not_the_target():
+    target, guide = _fcn(), _resnet18()
+    seen = {}
+    guide.register_forward_pre_hook(lambda m, args: seen.update(guide=args[0]))
+    config = GuidanceConfig(guide_inputs="noise")
+    guidance = Guidance(target, guide, sample_input=_batch()[0][:2], config=config)
+    x, _ = _batch()
+    guidance(x, target(x))
+    assert seen["guide"].shape[0] == x.shape[0]
+    assert seen["guide"].min() >= 0 and seen["guide"].max() <= 1  # the authors' clamped noise
+    assert not torch.equal(seen["guide"], x)
+
+
+class SequenceTarget(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=1, batch_first=True)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(torch.relu(self.proj(out)).mean(1))
+
+
+class SequenceGuide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_guidance_between_an_lstm_target_and_a_transformer_guide():
+    target, guide = SequenceTarget(), SequenceGuide()
+    x = torch.randn(6, 5, 8)
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    assert guidance.pairs[0][0] == "lstm"
+    target.train()
+    loss = guidance(x, target(x))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert target.lstm.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_missing_target_forward_is_a_clear_error():
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    guidance = Guidance(target, guide, sample_input=x[:2])
+    with pytest.raises(RuntimeError, match="call target"):
+        guidance(x)
+
+
+def test_distillation_from_an_identical_guide_costs_nothing():
+    target = _fcn()
+    guide = _fcn()
+    guide.load_state_dict(target.state_dict())
+    target.eval()  # no dropout, so both give the same logits
+    x, _ = _batch()
+    distillation = LogitDistillation(guide, GuidanceConfig(kind="distillation"))
+    assert distillation(x, target(x)).item() == pytest.approx(0.0, abs=1e-6)
+    other = LogitDistillation(_fcn(seed=5), GuidanceConfig(kind="distillation"))
+    loss = other(x, target(x))
+    assert loss.item() > 0
+    assert loss.requires_grad
