@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from guidance_tune.cli_study import add_study_commands
 from guidance_tune.config import ConfigError, load_run_config
 
 EXIT_BAD_INPUT = 2
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Guidance (training untrainable networks with a frozen guide) and its studies",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_layers):
+    for add in (_add_train, _add_layers, add_study_commands):
         add(commands)
     return parser
 

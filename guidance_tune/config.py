@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -139,6 +146,12 @@ class TrainConfig(_Strict):
     max_steps_per_epoch: int | None = Field(
         default=None, ge=1, description="cut epochs short (smoke runs)"
     )
+    stop_after_epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="end the run after this many epochs while the lr schedule still spans "
+        "`epochs` (how a rerun reproduces a trial a scheduler stopped early)",
+    )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field(
@@ -183,6 +196,85 @@ class RunConfig(_Strict):
         return self
 
 
+class SchedulerConfig(_Strict):
+    """ASHA early stopping; ``max_t`` is the run's epochs (one report per epoch)."""
+
+    kind: Literal["asha", "fifo"] = Field(default="asha", description="fifo: no early stopping")
+    grace_period: int = Field(default=1, ge=1, description="epochs every trial gets")
+    reduction_factor: float = Field(default=2.0, gt=1)
+
+
+class ResourcesConfig(_Strict):
+    cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per trial")
+    gpus: float = Field(
+        default=0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on one GPU"
+    )
+
+
+# What every epoch of `train` reports (per-pair similarities come on top as train/<metric>/...).
+REPORTED_METRICS = (
+    "best/loss",
+    "best/top1",
+    "best/top5",
+    "val/loss",
+    "val/top1",
+    "val/top5",
+    "train/loss",
+    "train/task_loss",
+    "train/guidance_loss",
+    "epoch_seconds",
+    "samples_per_second",
+    "peak_memory_gib",
+)
+
+
+class StudySettings(_Strict):
+    """How a study searches: the ``study:`` section of a study file."""
+
+    space: str = Field(default="guidance", description="search space name (search_spaces/)")
+    space_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of the search space"
+    )
+    num_trials: int = Field(default=8, ge=1)
+    metric: str = Field(default="best/loss", description="reported metric the search optimises")
+    mode: Literal["min", "max"] = "min"
+    startup_trials: int | None = Field(
+        default=None, ge=1, description="random trials before TPE; None: a third of num_trials"
+    )
+    baseline_first: bool = Field(
+        default=True, description="evaluate the unguided baseline as the first trial"
+    )
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    max_failures: int = Field(default=1, ge=-1, description="retries per trial; -1: unlimited")
+    seed: int = Field(default=0, description="seed of the sampler")
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db"
+    )
+    experiment: str | None = Field(default=None, description="MLflow experiment; None: the name")
+    storage_path: str = Field(
+        default="ray_results", description="Ray Tune results: local dir or a shared/cloud URI"
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_is_reported(cls, metric: str) -> str:
+        if metric not in REPORTED_METRICS:
+            raise ValueError(
+                f"{metric!r} is never reported by a trial: use one of {', '.join(REPORTED_METRICS)}"
+                " (rank by best/... to score each trial by its best epoch)"
+            )
+        return metric
+
+
+class StudyConfig(_Strict):
+    """A study file: the base run every trial starts from, and how to search around it."""
+
+    base: RunConfig
+    study: StudySettings
+
+
 def _describe(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
@@ -214,31 +306,61 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` strings; values are parsed as YAML (``3e-4``, ``null``,
-    ``[a, b]``) so the typed validation that follows sees numbers, not strings."""
+def set_fields(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``section.field`` key set to its (already typed) value."""
     data = json.loads(json.dumps(data, default=str))
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {override!r}: write it as section.field=value")
+    for key, value in values.items():
         node = data
         *parents, leaf = key.split(".")
         for part in parents:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"--set {override!r}: {part} is not a section")
+                raise ConfigError(f"{key}: {part} is not a section")
             node = child
-        try:
-            node[leaf] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            node[leaf] = raw
+        node[leaf] = value
     return data
 
 
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings; values are parsed as YAML (``3e-4``, ``null``,
+    ``[a, b]``) so the typed validation that follows sees numbers, not strings."""
+    values: dict[str, Any] = {}
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: write it as section.field=value")
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            values[key] = raw
+    return set_fields(data, values)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run config; a study file's ``study:`` section is set aside, its base run kept."""
     data = apply_overrides(read_yaml(path), overrides or [])
+    data.pop("study", None)
     return parse_run_config(data, source=str(path))
+
+
+def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConfig:
+    data = dict(data)
+    settings = data.pop("study", None)
+    if not isinstance(settings, dict):
+        raise ConfigError(
+            f"invalid study ({source}): add a 'study:' section (space, num_trials ...)"
+        )
+    try:
+        return StudyConfig(base=RunConfig.model_validate(data), study=settings)
+    except ValidationError as error:
+        message = _describe(error, source).replace("  base.", "  ")
+        raise ConfigError(message) from None
+
+
+def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """A study file: run sections at the top level (as for ``train``) plus ``study:``."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_study_config(data, source=str(path))
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

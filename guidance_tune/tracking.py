@@ -108,7 +108,10 @@ class MlflowRun:
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         self.client.log_dict(self.run_id, data, CONFIG_ARTIFACT)
-        tags = {"seed": str(config.train.seed)}
+        import torch
+
+        # CPU results depend on the thread count; a rerun uses the same one to match exactly
+        tags = {"seed": str(config.train.seed), "torch.num_threads": str(torch.get_num_threads())}
         if commit := git_commit():
             tags["git_commit"] = commit
         self.set_tags(tags)
@@ -160,10 +163,19 @@ class MlflowReporter(Reporter):
             self.best_value = value
             save_checkpoint(checkpoint(), self.best_path)
 
-    def close(self, status: str) -> None:
-        """Upload the best checkpoint, set the final status and tags, drop the temp dir."""
+    def close(self, status: str, error: str | None = None) -> None:
+        """Upload the best checkpoint, set the final status and tags, drop the temp dir.
+
+        ``status`` is finished, diverged, stopped (ended early by a scheduler) or failed; only
+        failed makes the MLflow run FAILED, and ``error`` is kept as a tag.
+        """
         if self.best_path.exists():
             self.run.log_artifact(self.best_path, BEST_CHECKPOINT_ARTIFACT)
-        self.run.set_tags({"status": status})
-        self.run.finish("FINISHED" if status in ("finished", "diverged") else "FAILED")
+        tags = {"status": status}
+        if status == "stopped":
+            tags["stopped_by_tune"] = "true"
+        if error is not None:
+            tags["error"] = error[:5000]
+        self.run.set_tags(tags)
+        self.run.finish("FAILED" if status == "failed" else "FINISHED")
         self._dir.cleanup()

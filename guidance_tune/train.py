@@ -280,7 +280,8 @@ def fit(run: Run, reporter: Reporter | None = None, checkpoint: Checkpoint | Non
         start = 0
         if config.noise_warmup.steps > 0:
             run_noise_warmup(run)
-    for epoch in range(start, config.train.epochs):
+    end = min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
+    for epoch in range(start, end):
         started = time.perf_counter()
         metrics = train_one_epoch(run, epoch, reporter)
         diverged = not math.isfinite(metrics["train/loss"])

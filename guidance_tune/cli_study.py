@@ -1,0 +1,166 @@
+"""``guidance-tune study ...`` and ``guidance-tune rerun``: studies on Ray Tune, results from
+MLflow, and a standalone rerun of any trial from its run id."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RERUN_KEYS = ("val/loss", "val/top1", "val/top5", "best/loss", "best/top1", "train/loss")
+
+
+def add_study_commands(commands) -> None:
+    study = commands.add_parser("study", help="launch, check and query studies")
+    actions = study.add_subparsers(dest="action", required=True)
+
+    launch = actions.add_parser("launch", help="run a study on Ray Tune (local or a cluster)")
+    launch.add_argument("spec", type=Path, help="study file, e.g. studies/quickstart.yaml")
+    launch.add_argument("--address", help="join this Ray cluster ('auto', host:port; $RAY_ADDRESS)")
+    launch.add_argument("--tracking-uri", help="MLflow URI (default: study file, then ./mlflow.db)")
+    launch.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    launch.add_argument("--smoke-test", action="store_true", help="2 tiny trials on the CPU")
+    _add_set(launch)
+    launch.set_defaults(handler=_launch)
+
+    check = actions.add_parser("check", help="validate a study file without launching it")
+    check.add_argument("spec", type=Path)
+    _add_set(check)
+    check.set_defaults(handler=_check)
+
+    best = actions.add_parser("best", help="rank a study's trials by their best epoch")
+    best.add_argument("name", help="study name")
+    best.add_argument("--top", type=int, default=5)
+    best.add_argument("--format", choices=["table", "json", "yaml"], default="table")
+    best.add_argument("--metric", default="best/loss")
+    best.add_argument("--mode", choices=["min", "max"], default="min")
+    best.add_argument("--tracking-uri")
+    best.add_argument("--experiment", help="MLflow experiment (default: the study name)")
+    best.add_argument("--export", type=Path, help="write the winner's config here (YAML)")
+    best.set_defaults(handler=_best)
+
+    rerun = commands.add_parser("rerun", help="rerun a trial standalone (no Ray) from its run id")
+    rerun.add_argument("run_id")
+    rerun.add_argument("--epochs", type=int)
+    rerun.add_argument("--seed", type=int)
+    rerun.add_argument("--tracking-uri")
+    rerun.add_argument("--quiet", action="store_true")
+    rerun.set_defaults(handler=_rerun)
+
+
+def _add_set(parser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set study.num_trials=16 (repeatable)",
+    )
+
+
+def _load(args):
+    from guidance_tune.config import load_study_config
+
+    return load_study_config(args.spec, args.overrides)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from guidance_tune.study import check_space
+
+    spec = _load(args)
+    check_space(spec)
+    print(
+        f"{args.spec}: study {spec.base.name!r} is valid ({spec.study.num_trials} trials, "
+        f"space {spec.study.space!r}, {spec.study.metric} {spec.study.mode})"
+    )
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from guidance_tune.study import launch, smoke
+
+    spec = _load(args)
+    if args.smoke_test:
+        spec = smoke(spec)
+    result = launch(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+    print(f"\nstudy {result.name}: {result.num_trials} trials, {result.num_errors} failed")
+    print(f"mlflow: {result.tracking_uri}  parent run {result.parent_run_id}")
+    if result.interrupted:
+        print(f"interrupted: continue with `guidance-tune study launch {args.spec} --resume`")
+        return 130
+    if result.best_run_id is None:
+        print("no trial reported the metric")
+        return 1
+    print(f"best trial: run {result.best_run_id}  {spec.study.metric} {result.best_value:.4f}")
+    for key, value in sorted(result.best_params.items()):
+        print(f"  {key}: {value}")
+    print(
+        f"rerun it: guidance-tune rerun {result.best_run_id} --tracking-uri {result.tracking_uri}"
+    )
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from guidance_tune.results import (
+        export_config,
+        find_study,
+        format_rows,
+        rank_trials,
+        varying_params,
+    )
+    from guidance_tune.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    _, children = find_study(uri, args.name, args.experiment)
+    rows = rank_trials(children, args.metric, args.mode, top=None)
+    params = varying_params(rows)
+    print(format_rows(rows[: args.top], params, args.metric, args.format))
+    if args.export and rows:
+        path = export_config(uri, rows[0].run_id, args.export)
+        print(f"winner's config written to {path}")
+    return 0
+
+
+def _rerun(args: argparse.Namespace) -> int:
+    from guidance_tune.config import config_to_dict, parse_run_config, set_fields
+    from guidance_tune.reporting import ConsoleReporter, Reporters, print_summary
+    from guidance_tune.results import compare_runs, final_metrics
+    from guidance_tune.tracking import (
+        MlflowReporter,
+        MlflowRun,
+        load_run_config_from_mlflow,
+        resolve_tracking_uri,
+    )
+    from guidance_tune.train import build_run, fit
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    config = load_run_config_from_mlflow(uri, args.run_id)
+    original_final = final_metrics(uri, args.run_id)
+    changes = {"train.epochs": args.epochs, "train.seed": args.seed}
+    if args.epochs is None and "epoch" in original_final:
+        # a trial stopped early by the scheduler is reproduced up to where it stopped
+        changes["train.stop_after_epochs"] = int(original_final["epoch"]) + 1
+    changes = {key: value for key, value in changes.items() if value is not None}
+    config = parse_run_config(set_fields(config_to_dict(config), changes), source="rerun")
+    original = MlflowRun(uri, args.run_id).client.get_run(args.run_id)
+    if threads := original.data.tags.get("torch.num_threads"):
+        import torch
+
+        torch.set_num_threads(int(threads))  # CPU sums depend on it: match the original
+    run = build_run(config)
+    experiment_id = original.info.experiment_id
+    tags = {"rerun_of": args.run_id, "guidance_tune.role": "rerun"}
+    mlflow_run = MlflowRun.create(uri, experiment_id, f"rerun-{config.name}", tags=tags)
+    mlflow_run.log_config(config)
+    reporter = MlflowReporter(mlflow_run)
+    status = "failed"
+    try:
+        result = fit(
+            run, Reporters([ConsoleReporter(config.train.epochs, not args.quiet), reporter])
+        )
+        status = result.status
+    finally:
+        reporter.close(status)
+    print_summary(result, mlflow_run.run_id)
+    print(compare_runs(original_final, result.final, RERUN_KEYS))
+    return 0 if result.status == "finished" else 1

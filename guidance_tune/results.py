@@ -1,0 +1,227 @@
+"""Study results read back from MLflow: find a study, rank its trials, show and export them.
+
+Trials are ranked by a logged best-so-far metric (``best/loss``): MLflow search results hold a
+metric's *latest* value, which for an early-stopped or overfitting trial is not its best epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from guidance_tune.config import ConfigError, config_to_dict
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+ROLE_TAG = "guidance_tune.role"
+
+
+@dataclass
+class TrialRow:
+    """One trial as the tables show it; ``value`` is NaN when it never reported the metric."""
+
+    run_id: str
+    name: str
+    status: str
+    value: float
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _all_pages(search: Callable[[str | None], Any]) -> list:
+    """Every result of a paged MLflow search (one page holds at most 1000)."""
+    items, token = [], None
+    while True:
+        page = search(token)
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def _search_runs(client, experiment_ids: list[str], filter_string: str) -> list[Run]:
+    return _all_pages(
+        lambda token: client.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+    )
+
+
+def _study_runs(client, experiment_name: str) -> list[Run]:
+    """Parent runs (role=study) of the named experiment, else of every experiment, newest first."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    role = f"tags.`{ROLE_TAG}` = 'study'"
+    if experiment is not None:
+        runs = _search_runs(client, [experiment.experiment_id], role)
+        if runs:
+            return runs
+    experiments = _all_pages(lambda token: client.search_experiments(page_token=token))
+    ids = [e.experiment_id for e in experiments]
+    return _search_runs(client, ids, role) if ids else []
+
+
+def find_study(
+    tracking_uri: str, study: str, experiment: str | None = None
+) -> tuple[Run, list[Run]]:
+    """The study's newest parent run and its trial runs.
+
+    ``--resume`` reuses a parent, a fresh launch under the same name adds one: the newest is
+    the study as it stands. Looks in the study's experiment first, then in all of them.
+    """
+    client = _client(tracking_uri)
+    candidates = _study_runs(client, experiment or study)
+    parents = [run for run in candidates if run.data.tags.get("study") == study]
+    if not parents:
+        known = sorted({run.data.tags["study"] for run in candidates if "study" in run.data.tags})
+        raise ConfigError(
+            f"no study {study!r} in MLflow at {tracking_uri}; "
+            f"studies there: {', '.join(known) if known else 'none'}"
+        )
+    parent = parents[0]
+    children = _search_runs(
+        client,
+        [parent.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    return parent, children
+
+
+def trial_row(run: Run, metric: str) -> TrialRow:
+    """The trial's status is our tag (finished, diverged, stopped, failed), MLflow's otherwise."""
+    tags = run.data.tags
+    return TrialRow(
+        run_id=run.info.run_id,
+        name=run.info.run_name or tags.get("mlflow.runName", ""),
+        status=tags.get("status", run.info.status.lower()),
+        value=run.data.metrics.get(metric, math.nan),
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def rank_trials(
+    children: list[Run], metric: str = "best/loss", mode: str = "min", top: int | None = 5
+) -> list[TrialRow]:
+    """Trials that reported ``metric``, best first; trials that never did are left out.
+
+    Pass a best-so-far metric: its latest value is the trial's best epoch.
+    """
+    sign = 1.0 if mode == "min" else -1.0
+    rows = [trial_row(run, metric) for run in children]
+    rows = [row for row in rows if not math.isnan(row.value)]
+    rows.sort(key=lambda row: (sign * row.value, row.name, row.run_id))
+    return rows if top is None else rows[:top]
+
+
+def varying_params(rows: list[TrialRow]) -> list[str]:
+    """Params that tell the rows apart; the constant ones would only widen the table."""
+    keys = {key for row in rows for key in row.params}
+    return sorted(key for key in keys if len({row.params.get(key) for row in rows}) > 1)
+
+
+def format_value(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, for a terminal."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=True)]
+
+    def render(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) for cell, width in zip(cells, widths, strict=True)
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return "\n".join([render(header), rule, *(render(line) for line in lines)])
+
+
+def table_lines(rows: list[TrialRow], params: Sequence[str]) -> list[list[str]]:
+    """One list of cells per row: rank, short run id, name, status, value, the params."""
+    return [
+        [str(rank), row.run_id[:8], row.name, row.status, format_value(row.value)]
+        + [row.params.get(key, "-") for key in params]
+        for rank, row in enumerate(rows, start=1)
+    ]
+
+
+def format_rows(
+    rows: list[TrialRow], params: Sequence[str], metric: str, fmt: str = "table"
+) -> str:
+    """``table`` for people; ``json``/``yaml`` (full run ids) for scripts and ``jq``."""
+    if fmt == "table":
+        if not rows:
+            return f"no trial reported {metric}"
+        return text_table(
+            ["rank", "run", "name", "status", metric, *params], table_lines(rows, params)
+        )
+    records = [
+        {
+            "rank": rank,
+            "run_id": row.run_id,
+            "name": row.name,
+            "status": row.status,
+            "metric": metric,
+            "value": None if math.isnan(row.value) else row.value,
+            "params": {key: row.params.get(key) for key in params},
+        }
+        for rank, row in enumerate(rows, start=1)
+    ]
+    if fmt == "json":
+        return json.dumps(records, indent=2)
+    if fmt == "yaml":
+        return yaml.safe_dump(records, sort_keys=False).rstrip()
+    raise ConfigError(f"unknown format {fmt!r}: use table, json or yaml")
+
+
+def export_config(tracking_uri: str, run_id: str, path: Path) -> Path:
+    """The run's exact ``config.json`` as a YAML file ``guidance-tune train`` runs as is."""
+    from guidance_tune.tracking import load_run_config_from_mlflow  # imports torch: only here
+
+    config = load_run_config_from_mlflow(tracking_uri, run_id)
+    header = f"# exported from MLflow run {run_id} ({tracking_uri})\n# guidance-tune train {path}\n"
+    body = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + body)
+    return path
+
+
+def compare_runs(original: dict[str, float], rerun: dict[str, float], keys: Sequence[str]) -> str:
+    """Original vs rerun, key by key: how closely a standalone rerun reproduced a trial."""
+    lines = []
+    for key in keys:
+        if key not in original and key not in rerun:
+            continue
+        before, after = original.get(key, math.nan), rerun.get(key, math.nan)
+        lines.append([key, format_value(before), format_value(after), _difference(before, after)])
+    if not lines:
+        return "no metric to compare"
+    return text_table(["metric", "original", "rerun", "difference"], lines)
+
+
+def _difference(before: float, after: float) -> str:
+    if math.isnan(before) or math.isnan(after):
+        return "-"
+    return f"{after - before:+.3g}"  # 3 significant digits: a 1e-7 drift stays visible
+
+
+def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    """A run's latest value of every metric (the last logged epoch)."""
+    return dict(_client(tracking_uri).get_run(run_id).data.metrics)

@@ -1,0 +1,292 @@
+"""Ray Tune + Optuna: launch a study locally or on a cluster, resume it, summarise it in MLflow.
+
+The order matters: everything that can be refused (the study file, the search space, GPUs the
+cluster lacks) is checked before the MLflow parent run exists, so bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from guidance_tune.config import ConfigError, StudyConfig, config_to_dict, set_fields
+from guidance_tune.tracking import MlflowRun, ensure_experiment, git_commit, resolve_tracking_uri
+from guidance_tune.trial import TrialTracking, run_trial, trial_config
+
+
+@dataclass
+class StudyResult:
+    name: str
+    parent_run_id: str
+    tracking_uri: str
+    best_run_id: str | None
+    best_value: float | None
+    best_params: dict[str, Any]
+    num_trials: int
+    num_errors: int
+    interrupted: bool
+
+
+def smoke(spec: StudyConfig) -> StudyConfig:
+    """The same study, tiny: 2 trials of 2 short epochs on the CPU."""
+    base = set_fields(
+        config_to_dict(spec.base), {"train.epochs": 2, "train.max_steps_per_epoch": 3}
+    )
+    study = set_fields(
+        config_to_dict(spec.study),
+        {"num_trials": 2, "resources.gpus": 0, "scheduler.grace_period": 1},
+    )
+    return StudyConfig.model_validate({"base": base, "study": study})
+
+
+def check_space(spec: StudyConfig) -> dict[str, Any]:
+    """Sample the space once (and the baseline) and build the trial configs they give, so a bad
+    option or a parameter that names no config field is refused before anything launches."""
+    import optuna
+
+    from search_spaces import get_space
+
+    space = get_space(spec.study.space)
+    base = config_to_dict(spec.base)
+    options = spec.study.space_options
+    try:
+        baseline = space.baseline(base=base, **options)
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        constants = space.sample(trial, base=base, **options) or {}
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
+    for params in (baseline, {**trial.params, **constants}):
+        trial_config(base, params)
+    return baseline
+
+
+def _searcher(spec: StudyConfig, baseline: dict[str, Any]):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search_spaces import bind, get_space
+
+    settings = spec.study
+    startup = settings.startup_trials or max(2, settings.num_trials // 3)
+    return OptunaSearch(
+        space=bind(get_space(settings.space), config_to_dict(spec.base), settings.space_options),
+        metric=settings.metric,
+        mode=settings.mode,
+        points_to_evaluate=[baseline] if settings.baseline_first else None,
+        sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=settings.seed),
+    )
+
+
+def _scheduler(spec: StudyConfig):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    scheduler = spec.study.scheduler
+    if scheduler.kind == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.base.train.epochs,
+        grace_period=min(scheduler.grace_period, spec.base.train.epochs),
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def connect(address: str | None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start a new local Ray. Idempotent.
+
+    "local" rather than Ray's default: a cluster some other job left running on this machine
+    is not silently joined.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False)
+
+
+def check_resources(spec: StudyConfig) -> None:
+    """GPUs asked of a cluster without any would leave trials pending forever: refuse now."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if spec.study.resources.gpus > 0 and gpus == 0:
+        raise ConfigError(
+            f"study.resources.gpus is {spec.study.resources.gpus} but the Ray cluster has no "
+            "GPU: set it to 0 (CPU trials) or join a cluster with GPUs (--address)"
+        )
+
+
+def storage_dir(spec: StudyConfig) -> str:
+    path = spec.study.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _parent_run(
+    spec: StudyConfig, tracking_uri: str, experiment_id: str, experiment_dir: str, resume: bool
+) -> str:
+    """The study's MLflow parent run; --resume finds and reuses the one for these results."""
+    tags = {
+        "study": spec.base.name,
+        "guidance_tune.role": "study",
+        "ray.experiment_dir": experiment_dir,
+    }
+    if resume:
+        existing = _client(tracking_uri).search_runs(
+            [experiment_id],
+            filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if existing:
+            run_id = existing[0].info.run_id
+            _client(tracking_uri).update_run(run_id, status="RUNNING")
+            return run_id
+    run = MlflowRun.create(tracking_uri, experiment_id, spec.base.name, tags=tags)
+    run.client.log_dict(run.run_id, config_to_dict(spec), "study.json")
+    run.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
+    return run.run_id
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def _versions() -> dict[str, str]:
+    import mlflow
+    import optuna
+    import ray
+    import torch
+
+    return {
+        "version.ray": ray.__version__,
+        "version.optuna": optuna.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.torch": torch.__version__,
+    }
+
+
+def _tuner(spec: StudyConfig, trainable, experiment_dir: str, resume: bool, baseline, callbacks):
+    from ray import tune
+
+    settings = spec.study
+    if resume:
+        return tune.Tuner.restore(
+            experiment_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode=settings.mode,
+            search_alg=_searcher(spec, baseline),
+            scheduler=_scheduler(spec),
+            num_samples=settings.num_trials,
+            max_concurrent_trials=settings.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.base.name,
+            storage_path=storage_dir(spec),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=settings.metric,
+                checkpoint_score_order=settings.mode,
+            ),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def launch(
+    spec: StudyConfig,
+    *,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    resume: bool = False,
+) -> StudyResult:
+    """Run the study to the end (or continue it with ``resume``) and summarise it in MLflow."""
+    from ray import tune
+
+    from guidance_tune.study_callbacks import ConsoleProgress, MlflowSafetyNet
+
+    # tiny epochs snapshot often; Tune's warning about it says nothing a user can act on
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    baseline = check_space(spec)
+    uri = resolve_tracking_uri(tracking_uri or spec.study.tracking_uri)
+    experiment_dir = os.path.join(storage_dir(spec), spec.base.name)
+    restorable = tune.Tuner.can_restore(experiment_dir)
+    if resume and not restorable:
+        raise ConfigError(f"--resume: no study results to continue in {experiment_dir}")
+    if restorable and not resume:
+        raise ConfigError(
+            f"study {spec.base.name!r} already has results in {experiment_dir}: pass --resume "
+            "to continue it, or change the study's name or study.storage_path"
+        )
+    connect(address)
+    check_resources(spec)
+    experiment_id = ensure_experiment(uri, spec.study.experiment or spec.base.name)
+    parent_id = _parent_run(spec, uri, experiment_id, experiment_dir, resume)
+    tracking = TrialTracking(
+        uri, experiment_id, parent_id, spec.base.name, spec.study.metric, spec.study.mode
+    )
+    resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config_to_dict(spec.base), tracking=tracking),
+        resources,
+    )
+    callbacks = [ConsoleProgress(spec.study.metric, spec.study.mode), MlflowSafetyNet(tracking)]
+    results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
+    return summarise(spec, tracking, results)
+
+
+def summarise(spec: StudyConfig, tracking: TrialTracking, results) -> StudyResult:
+    """Best trial, study metrics and the report on the parent run, which then ends FINISHED; an
+    interrupted study (Ctrl-C) ends KILLED instead, with its running trials, until --resume."""
+    from guidance_tune.report import study_report
+    from guidance_tune.results import find_study, rank_trials, varying_params
+
+    _, children = find_study(tracking.tracking_uri, spec.base.name, spec.study.experiment)
+    children = [
+        c for c in children if c.data.tags.get("mlflow.parentRunId") == tracking.parent_run_id
+    ]
+    ranked = rank_trials(children, spec.study.metric, spec.study.mode, top=None)
+    parent = MlflowRun(tracking.tracking_uri, tracking.parent_run_id)
+    interrupted = results.num_terminated + results.num_errors < spec.study.num_trials
+    summary = {"num_trials": float(len(children)), "num_errors": float(results.num_errors)}
+    if ranked:
+        summary[f"best_{spec.study.metric}"] = ranked[0].value
+        parent.set_tags({"best_run_id": ranked[0].run_id})
+    parent.log_metrics(summary, step=0)
+    if interrupted:
+        for child in children:
+            if child.info.status == "RUNNING":
+                parent.client.set_terminated(child.info.run_id, "KILLED")
+        parent.set_tags({"status": "interrupted"})
+        parent.finish("KILLED")
+    else:
+        study_report(
+            tracking.tracking_uri,
+            tracking.parent_run_id,
+            children,
+            spec.study.metric,
+            spec.study.mode,
+        )
+        parent.set_tags({"status": "finished"})
+        parent.finish("FINISHED")
+    best = ranked[0] if ranked else None
+    return StudyResult(
+        name=spec.base.name,
+        parent_run_id=tracking.parent_run_id,
+        tracking_uri=tracking.tracking_uri,
+        best_run_id=best.run_id if best else None,
+        best_value=best.value if best else None,
+        best_params={k: best.params[k] for k in varying_params(ranked)} if best else {},
+        num_trials=len(children),
+        num_errors=results.num_errors,
+        interrupted=interrupted,
+    )
