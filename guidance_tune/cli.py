@@ -85,12 +85,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _start_mlflow(tracking_uri: str, experiment: str, config):
-    from guidance_tune.tracking import (
-        MlflowReporter,
-        MlflowRun,
-        ensure_experiment,
-        resolve_tracking_uri,
-    )
+    from guidance_tune.reporting import MlflowReporter
+    from guidance_tune.tracking import MlflowRun, ensure_experiment, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     run = MlflowRun.create(uri, ensure_experiment(uri, experiment), config.name)

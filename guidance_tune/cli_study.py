@@ -123,10 +123,14 @@ def _best(args: argparse.Namespace) -> int:
 
 def _rerun(args: argparse.Namespace) -> int:
     from guidance_tune.config import config_to_dict, parse_run_config, set_fields
-    from guidance_tune.reporting import ConsoleReporter, Reporters, print_summary
+    from guidance_tune.reporting import (
+        ConsoleReporter,
+        MlflowReporter,
+        Reporters,
+        print_summary,
+    )
     from guidance_tune.results import compare_runs, final_metrics
     from guidance_tune.tracking import (
-        MlflowReporter,
         MlflowRun,
         load_run_config_from_mlflow,
         resolve_tracking_uri,

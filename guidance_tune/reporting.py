@@ -1,13 +1,18 @@
-"""Reporters that need neither Ray nor MLflow: the console, a checkpoint file, and fan-out."""
+"""Reporters that ``train`` calls: the console, a checkpoint file, an MLflow run, and fan-out.
+
+None of them imports Ray; the MLflow one goes through ``tracking.MlflowRun``.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from guidance_tune.checkpoint import save_checkpoint
+from guidance_tune.tracking import MlflowRun
 from guidance_tune.train import Checkpoint, Reporter, TrainResult
 
 HEADLINE = ("train/loss", "train/guidance_loss", "val/loss", "val/top1", "best/top1")
@@ -76,3 +81,44 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
         print("best: ", format_metrics(final, ("best/loss", "best/top1", "best/top5")))
     if mlflow_run_id:
         print(f"mlflow run: {mlflow_run_id}")
+
+
+BEST_CHECKPOINT_ARTIFACT = "checkpoints"
+
+
+class MlflowReporter(Reporter):
+    """Logs every epoch; keeps the best epoch's checkpoint and uploads it when the run ends."""
+
+    def __init__(self, run: MlflowRun, rank_metric: str = "val/loss", mode: str = "min") -> None:
+        self.run = run
+        self.rank_metric = rank_metric
+        self.sign = 1.0 if mode == "min" else -1.0
+        self.best_value: float | None = None
+        self._dir = tempfile.TemporaryDirectory(prefix="guidance-tune-")
+        self.best_path = Path(self._dir.name) / "best.pt"
+
+    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
+        self.run.log_metrics(metrics, step=int(metrics["epoch"]))
+        value = metrics.get(self.rank_metric)
+        if value is None or value != value:
+            return
+        if self.best_value is None or self.sign * value < self.sign * self.best_value:
+            self.best_value = value
+            save_checkpoint(checkpoint(), self.best_path)
+
+    def close(self, status: str, error: str | None = None) -> None:
+        """Upload the best checkpoint, set the final status and tags, drop the temp dir.
+
+        ``status`` is finished, diverged, stopped (ended early by a scheduler) or failed; only
+        failed makes the MLflow run FAILED, and ``error`` is kept as a tag.
+        """
+        if self.best_path.exists():
+            self.run.log_artifact(self.best_path, BEST_CHECKPOINT_ARTIFACT)
+        tags = {"status": status}
+        if status == "stopped":
+            tags["stopped_by_tune"] = "true"
+        if error is not None:
+            tags["error"] = error[:5000]
+        self.run.set_tags(tags)
+        self.run.finish("FAILED" if status == "failed" else "FINISHED")
+        self._dir.cleanup()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from guidance_tune.config import ConfigError, config_to_dict
+from guidance_tune.tracking import load_run_config_from_mlflow, mlflow_client
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -33,12 +34,6 @@ class TrialRow:
     value: float
     params: dict[str, str]
     metrics: dict[str, float]
-
-
-def _client(tracking_uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
 def _all_pages(search: Callable[[str | None], Any]) -> list:
@@ -84,7 +79,7 @@ def find_study(
     ``--resume`` reuses a parent, a fresh launch under the same name adds one: the newest is
     the study as it stands. Looks in the study's experiment first, then in all of them.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     candidates = _study_runs(client, experiment or study)
     parents = [run for run in candidates if run.data.tags.get("study") == study]
     if not parents:
@@ -192,8 +187,6 @@ def format_rows(
 
 def export_config(tracking_uri: str, run_id: str, path: Path) -> Path:
     """The run's exact ``config.json`` as a YAML file ``guidance-tune train`` runs as is."""
-    from guidance_tune.tracking import load_run_config_from_mlflow  # imports torch: only here
-
     config = load_run_config_from_mlflow(tracking_uri, run_id)
     header = f"# exported from MLflow run {run_id} ({tracking_uri})\n# guidance-tune train {path}\n"
     body = yaml.safe_dump(config_to_dict(config), sort_keys=False)
@@ -224,4 +217,4 @@ def _difference(before: float, after: float) -> str:
 
 def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
     """A run's latest value of every metric (the last logged epoch)."""
-    return dict(_client(tracking_uri).get_run(run_id).data.metrics)
+    return dict(mlflow_client(tracking_uri).get_run(run_id).data.metrics)

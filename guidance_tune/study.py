@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from guidance_tune.config import ConfigError, StudyConfig, config_to_dict, set_fields
-from guidance_tune.tracking import MlflowRun, ensure_experiment, git_commit, resolve_tracking_uri
+from guidance_tune.tracking import (
+    MlflowRun,
+    ensure_experiment,
+    git_commit,
+    mlflow_client,
+    resolve_tracking_uri,
+)
 from guidance_tune.trial import TrialTracking, run_trial, trial_config
 
 
@@ -133,7 +139,7 @@ def _parent_run(
         "ray.experiment_dir": experiment_dir,
     }
     if resume:
-        existing = _client(tracking_uri).search_runs(
+        existing = mlflow_client(tracking_uri).search_runs(
             [experiment_id],
             filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
             order_by=["attributes.start_time DESC"],
@@ -141,18 +147,12 @@ def _parent_run(
         )
         if existing:
             run_id = existing[0].info.run_id
-            _client(tracking_uri).update_run(run_id, status="RUNNING")
+            mlflow_client(tracking_uri).update_run(run_id, status="RUNNING")
             return run_id
     run = MlflowRun.create(tracking_uri, experiment_id, spec.base.name, tags=tags)
     run.client.log_dict(run.run_id, config_to_dict(spec), "study.json")
     run.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
     return run.run_id
-
-
-def _client(tracking_uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
 def _versions() -> dict[str, str]:

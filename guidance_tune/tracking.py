@@ -1,5 +1,5 @@
-"""MLflow: runs, per-epoch logging, the config round trip. The only module that imports mlflow
-(besides the CLI's wiring); ``train`` sees it as a :class:`~guidance_tune.train.Reporter`.
+"""MLflow: runs, per-epoch logging, the config round trip. Imports neither torch nor Ray, so
+result queries stay light; ``train`` sees MLflow through ``reporting.MlflowReporter``.
 
 Every run carries what a rerun needs: ``config.json`` (the exact typed config), the seed and
 the git commit. Metrics are logged with ``step = epoch``.
@@ -12,16 +12,12 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.checkpoint import save_checkpoint
 from guidance_tune.config import RunConfig, config_to_dict, parse_run_config
-from guidance_tune.train import Checkpoint, Reporter
 
 CONFIG_ARTIFACT = "config.json"
-BEST_CHECKPOINT_ARTIFACT = "checkpoints"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -64,7 +60,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -72,7 +68,7 @@ def _client(tracking_uri: str):
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Experiment id for ``name``, created if missing (also creates the SQLite file)."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -85,7 +81,7 @@ class MlflowRun:
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
 
     @classmethod
     def create(
@@ -95,7 +91,7 @@ class MlflowRun:
         run_name: str,
         tags: dict[str, str] | None = None,
     ) -> MlflowRun:
-        client = _client(tracking_uri)
+        client = mlflow_client(tracking_uri)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         return cls(tracking_uri, run.info.run_id)
 
@@ -138,44 +134,6 @@ class MlflowRun:
 def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
     """The exact config a run trained with, validated like any other config input."""
     with tempfile.TemporaryDirectory() as scratch:
-        local = _client(tracking_uri).download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
+        local = mlflow_client(tracking_uri).download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
         data = json.loads(Path(local).read_text())
     return parse_run_config(data, source=f"MLflow run {run_id} {CONFIG_ARTIFACT}")
-
-
-class MlflowReporter(Reporter):
-    """Logs every epoch; keeps the best epoch's checkpoint and uploads it when the run ends."""
-
-    def __init__(self, run: MlflowRun, rank_metric: str = "val/loss", mode: str = "min") -> None:
-        self.run = run
-        self.rank_metric = rank_metric
-        self.sign = 1.0 if mode == "min" else -1.0
-        self.best_value: float | None = None
-        self._dir = tempfile.TemporaryDirectory(prefix="guidance-tune-")
-        self.best_path = Path(self._dir.name) / "best.pt"
-
-    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
-        self.run.log_metrics(metrics, step=int(metrics["epoch"]))
-        value = metrics.get(self.rank_metric)
-        if value is None or value != value:
-            return
-        if self.best_value is None or self.sign * value < self.sign * self.best_value:
-            self.best_value = value
-            save_checkpoint(checkpoint(), self.best_path)
-
-    def close(self, status: str, error: str | None = None) -> None:
-        """Upload the best checkpoint, set the final status and tags, drop the temp dir.
-
-        ``status`` is finished, diverged, stopped (ended early by a scheduler) or failed; only
-        failed makes the MLflow run FAILED, and ``error`` is kept as a tag.
-        """
-        if self.best_path.exists():
-            self.run.log_artifact(self.best_path, BEST_CHECKPOINT_ARTIFACT)
-        tags = {"status": status}
-        if status == "stopped":
-            tags["stopped_by_tune"] = "true"
-        if error is not None:
-            tags["error"] = error[:5000]
-        self.run.set_tags(tags)
-        self.run.finish("FAILED" if status == "failed" else "FINISHED")
-        self._dir.cleanup()

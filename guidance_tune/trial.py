@@ -21,7 +21,8 @@ from ray import tune
 
 from guidance_tune.checkpoint import load_checkpoint, save_checkpoint
 from guidance_tune.config import RunConfig, parse_run_config, set_fields
-from guidance_tune.tracking import MlflowReporter, MlflowRun
+from guidance_tune.reporting import MlflowReporter
+from guidance_tune.tracking import MlflowRun
 from guidance_tune.train import Checkpoint, train
 
 STATE_FILE = "state.pt"
