@@ -116,6 +116,12 @@ def suggest_lr_and_batch_size(
         trial.suggest_categorical("train.batch_size", _batch_sizes(batch_sizes))
 
 
+def unguided_arm_has_run(trial: optuna.Trial) -> bool:
+    """Whether an earlier trial of this study (finished or running) is the unguided arm."""
+    others = trial.study.get_trials(deepcopy=False)
+    return any(t.params.get("guidance.kind") == "none" for t in others if t.number != trial.number)
+
+
 def baseline_lr_and_batch_size(
     base: dict[str, Any], *, lr: Iterable[float] | None, batch_sizes: Iterable[int] | None
 ) -> dict[str, Any]:

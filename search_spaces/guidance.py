@@ -19,6 +19,7 @@ from search_spaces import (
     register_space,
     require_guide,
     suggest_lr_and_batch_size,
+    unguided_arm_has_run,
 )
 
 
@@ -68,7 +69,11 @@ def guidance_space(
     require_guide(base, "guidance")
 
     suggest_lr_and_batch_size(trial, lr=lr, batch_sizes=batch_sizes)
-    if trial.suggest_categorical("guidance.kind", ["alignment", "none"]) == "none":
+    constants: dict[str, Any] = {}
+    if lr is None and batch_sizes is None and unguided_arm_has_run(trial):
+        # with nothing searched in it the unguided arm is one config: once is enough
+        constants["guidance.kind"] = "alignment"
+    elif trial.suggest_categorical("guidance.kind", ["alignment", "none"]) == "none":
         return {"noise_warmup.steps": 0}  # unguided means no noise phase towards the guide either
     trial.suggest_float("guidance.weight", *weight, log=True)
     trial.suggest_categorical("guidance.guide_layers", guide_layers)
@@ -76,9 +81,9 @@ def guidance_space(
     if trained_guide_weights is not None:
         trial.suggest_categorical("guide.weights", [None, trained_guide_weights])
     if len(warmup_steps) == 1:
-        return {"noise_warmup.steps": warmup_steps[0]}
+        return {**constants, "noise_warmup.steps": warmup_steps[0]}
     trial.suggest_categorical("noise_warmup.steps", warmup_steps)
-    return None
+    return constants
 
 
 def _is_spec(value: Any) -> bool:

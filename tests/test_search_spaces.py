@@ -74,23 +74,36 @@ def test_every_sampled_trial_is_a_valid_run_config(space_name):
         parse_run_config(set_fields(BASE, {**params, **constants}))
 
 
+def kind(params, constants):
+    return {**params, **constants}["guidance.kind"]
+
+
 def test_the_unguided_arm_has_no_noise_phase_either():
     base = set_fields(BASE, {"noise_warmup.steps": 500})
-    for params, constants in sample("guidance", n=30, base=base):
-        if params["guidance.kind"] == "none":
+    samples = sample("guidance", n=30, base=base)
+    assert any(kind(*s) == "none" for s in samples)
+    for params, constants in samples:
+        if kind(params, constants) == "none":
             assert constants == {"noise_warmup.steps": 0}
 
 
 def test_one_noise_warmup_choice_fixes_the_phase_without_a_parameter():
     for params, constants in sample("guidance", n=30, noise_warmup_steps=[300]):
         assert "noise_warmup.steps" not in params
-        if params["guidance.kind"] == "alignment":
-            assert constants == {"noise_warmup.steps": 300}
+        if kind(params, constants) == "alignment":
+            assert constants["noise_warmup.steps"] == 300
+
+
+def test_an_unguided_arm_with_nothing_to_search_runs_once():
+    samples = sample("guidance", n=30)
+    assert [kind(*s) for s in samples].count("none") == 1
+    searched = sample("guidance", n=30, lr=[1e-4, 1e-2])
+    assert [kind(*s) for s in searched].count("none") > 1  # each with its own lr
 
 
 def test_trained_guide_weights_adds_a_trained_versus_untrained_guide_choice():
     samples = sample("guidance", trained_guide_weights="guide.pt")
-    guided = [params for params, _ in samples if params["guidance.kind"] == "alignment"]
+    guided = [params for params, constants in samples if kind(params, constants) == "alignment"]
     assert {params["guide.weights"] for params in guided} == {None, "guide.pt"}
     assert all("guide.weights" not in params for params, _ in sample("guidance", n=30))
 
