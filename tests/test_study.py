@@ -106,6 +106,23 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(
         assert sorted(m.step for m in history) == [0, 1, 2]
 
 
+def test_trials_that_fail_for_good_end_failed_without_taking_the_study_down(
+    ray_local, tmp_path, crash_markers
+):
+    spec = parse_study_config(
+        study_dict(CRASH_STUDY, tmp_path, num_trials=2, max_failures=0, scheduler={"kind": "fifo"})
+    )
+    result = launch(spec)
+    assert result.num_errors == 2 and not result.interrupted
+    parent, children = children_of(result.tracking_uri, CRASH_STUDY)
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 2
+    for child in children:
+        assert child.info.status == "FAILED"
+        assert "injected crash" in child.data.tags["error"]
+        assert child.data.metrics["best/loss"] > 0  # its epoch-0 history is kept
+
+
 def test_relaunching_an_existing_study_without_resume_is_refused(ray_local, tmp_path):
     spec = parse_study_config(study_dict("twice", tmp_path, num_trials=1))
     launch(spec)
