@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from guidance_tune.cli_study import add_study_commands
+from guidance_tune.cli_study import add_overrides_option, add_study_commands
 from guidance_tune.config import ConfigError, load_run_config
 
 EXIT_BAD_INPUT = 2
@@ -21,14 +21,7 @@ EXIT_BAD_INPUT = 2
 def _add_train(commands) -> None:
     parser = commands.add_parser("train", help="train one run from a YAML config")
     parser.add_argument("config", type=Path, help="run config (YAML), e.g. studies/quickstart.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a field, e.g. --set optim.lr=3e-4 (repeatable)",
-    )
+    add_overrides_option(parser, "optim.lr=3e-4")
     parser.add_argument(
         "--tracking-uri",
         help="log the run to MLflow at this URI (default: $MLFLOW_TRACKING_URI if set, else "

@@ -19,12 +19,12 @@ def add_study_commands(commands) -> None:
     launch.add_argument("--tracking-uri", help="MLflow URI (default: study file, then ./mlflow.db)")
     launch.add_argument("--resume", action="store_true", help="continue an interrupted study")
     launch.add_argument("--smoke-test", action="store_true", help="2 tiny trials on the CPU")
-    _add_set(launch)
+    add_overrides_option(launch, "study.num_trials=16")
     launch.set_defaults(handler=_launch)
 
     check = actions.add_parser("check", help="validate a study file without launching it")
     check.add_argument("spec", type=Path)
-    _add_set(check)
+    add_overrides_option(check, "study.num_trials=16")
     check.set_defaults(handler=_check)
 
     best = actions.add_parser("best", help="rank a study's trials by their best epoch")
@@ -47,14 +47,15 @@ def add_study_commands(commands) -> None:
     rerun.set_defaults(handler=_rerun)
 
 
-def _add_set(parser) -> None:
+def add_overrides_option(parser, example: str) -> None:
+    """``--set KEY=VALUE``, the same for every command that reads a config file."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a field, e.g. --set study.num_trials=16 (repeatable)",
+        help=f"override a field, e.g. --set {example} (repeatable)",
     )
 
 

@@ -14,6 +14,7 @@ epoch, so a step has no host sync.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 
 import torch
@@ -52,7 +53,7 @@ def _eval_mode(*models: nn.Module):
                 module.training = flag
 
 
-class GuideTerm:
+class GuideTerm(ABC):
     """What every guidance loss shares: a frozen guide, a weight and the guided-steps schedule."""
 
     def __init__(self, guide: nn.Module, config: GuidanceConfig) -> None:
@@ -77,6 +78,22 @@ class GuideTerm:
             yield
         finally:
             self.step, self.in_noise_warmup = step, False
+
+    def __call__(
+        self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
+    ) -> Tensor:
+        """The weighted term for the batch the target has just seen in train mode; zero, with
+        no guide forward at all, once the guided steps are over."""
+        if not self.active:
+            self.step += 1
+            return torch.zeros((), device=inputs.device)
+        loss = self.loss(inputs, logits, self._guide_inputs(inputs, guide_inputs))
+        self.step += 1
+        return self.config.weight * loss
+
+    @abstractmethod
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
+        """The unweighted term."""
 
     def _guide_inputs(self, inputs: Tensor, guide_inputs: Tensor | None) -> Tensor:
         if guide_inputs is not None:
@@ -142,13 +159,8 @@ class Guidance(GuideTerm):
         """Metric-key-safe names of the pairs, ``target:guide``."""
         return [f"{t}:{g}".replace("#", "_call") for t, g in self.pairs]
 
-    def __call__(
-        self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
-    ) -> Tensor:
-        """The loss term for the batch the target has just seen in train mode."""
-        if not self.active:
-            self.step += 1
-            return torch.zeros((), device=inputs.device)
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
+        """Sum over pairs of (1 - similarity), from what the target's hooks just captured."""
         self.metric.check_batch(inputs.shape[0])
         captured = self._target_capture.captured
         missing = [t for t, _ in self.pairs if t not in captured]
@@ -158,15 +170,14 @@ class Guidance(GuideTerm):
                 "train mode with gradients enabled before guidance(x)"
             )
         self._guide_capture.clear()
-        self._run_guide(self._guide_inputs(inputs, guide_inputs))
+        self._run_guide(guide_inputs)
         target_reps = torch.stack([captured[t] for t, _ in self.pairs])
         guide_reps = torch.stack([self._guide_capture.captured[g] for _, g in self.pairs])
         similarities = paired_similarities(target_reps, guide_reps)
         self._accumulate(similarities.detach())
         self._target_capture.clear()
         self._guide_capture.clear()
-        self.step += 1
-        return self.config.weight * (1.0 - similarities).sum()
+        return (1.0 - similarities).sum()
 
     def _accumulate(self, similarities: Tensor) -> None:
         if self._steps_summed == 0:
@@ -194,15 +205,10 @@ class LogitDistillation(GuideTerm):
     Same schedule and guide inputs as :class:`Guidance`, so the comparison is one config field.
     """
 
-    def __call__(
-        self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
-    ) -> Tensor:
-        if not self.active:
-            self.step += 1
-            return torch.zeros((), device=inputs.device)
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
         if logits is None:
             raise ValueError("distillation needs the target's logits: call term(x, logits)")
-        guide_logits = self._run_guide(self._guide_inputs(inputs, guide_inputs))
+        guide_logits = self._run_guide(guide_inputs)
         if guide_logits.shape != logits.shape:
             raise ValueError(
                 f"distillation needs guide logits shaped like the target's: guide gives "
@@ -216,8 +222,7 @@ class LogitDistillation(GuideTerm):
             log_target=True,
             reduction="batchmean",
         )
-        self.step += 1
-        return self.config.weight * kl * t * t
+        return kl * t * t
 
 
 def build_guide_term(
