@@ -36,9 +36,11 @@ def test_the_guided_step_really_runs_guidance(tiny_report):
     assert tiny_report["pairs"] == 21  # deep_fcn <- resnet18, the authors' mapping
 
 
-def test_numerics_mode_compares_every_pair_at_bf16_and_fp32(tmp_path):
+def test_numerics_mode_compares_every_pair_and_finds_the_gram_path_exact(tmp_path):
     path = tmp_path / "numerics.json"
     assert step.main([*TINY, "--check-numerics", "--json", str(path)]) == 0
     numerics = json.loads(path.read_text())["numerics"]
     assert len(numerics["cka_fp32"]) == len(numerics["cka_bf16"]) == 21
     assert 0 <= numerics["max_abs_difference"] < 0.1
+    # bf16 activations, fp32 Gram: within 1e-4 of the same CKA in float64
+    assert numerics["gram_error"] < 1e-4 and numerics["gram_error_fp32"] < 1e-5
