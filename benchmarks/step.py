@@ -12,7 +12,6 @@ See benchmarks/README.md for the results and the targets.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import write_report
 from benchmarks.memory import measure_in_child
 from benchmarks.numerics import check_numerics
 from benchmarks.variants import SETTINGS, STEPS, VARIANTS, Bench, Options, build, synchronize
@@ -230,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args, argv)
     print_summary(report)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return 0
 
 

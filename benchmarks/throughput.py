@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKED_LIMIT = 2.5  # 4 trials packed on one GPU >= 2.5 x the trials per hour of 1 per GPU
 ENVIRONMENT = {
@@ -145,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm['label']}: {arm['trials_per_hour']:.0f} trials/h ({arm['wall_s']:.0f} s)")
     print(f"speedup: {report['speedup']:.2f} x  [{report['mode']}]")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, report)
     return 0
 
 
