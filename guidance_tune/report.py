@@ -19,6 +19,7 @@ from guidance_tune.results import (
     trial_row,
     varying_params,
 )
+from guidance_tune.tracking import mlflow_client
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -39,9 +40,7 @@ def study_report(
     mode: str = "min",
 ) -> list[str]:
     """Log the curves and the trial table on the parent run; returns the artifact paths."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow_client(tracking_uri)
     ranked = rank_trials(children, metric, mode, top=None)
     figure = curves_figure(client, best_arms(ranked), metric)
     client.log_figure(parent_run_id, figure, CURVES_ARTIFACT)

@@ -6,6 +6,7 @@ import math
 
 from ray.tune import Callback
 
+from guidance_tune.tracking import mlflow_client
 from guidance_tune.trial import TrialTracking
 
 
@@ -57,9 +58,7 @@ class MlflowSafetyNet(Callback):
         self.tracking = tracking
 
     def _terminate(self, trial, status: str) -> None:
-        import mlflow
-
-        client = mlflow.MlflowClient(tracking_uri=self.tracking.tracking_uri)
+        client = mlflow_client(self.tracking.tracking_uri)
         runs = client.search_runs(
             [self.tracking.experiment_id],
             filter_string=f"tags.`ray.trial_id` = '{trial.trial_id}'",
