@@ -144,7 +144,10 @@ class TrainConfig(_Strict):
     batch_size: int = Field(default=256, ge=1, description="also the CKA sample size")
     eval_batch_size: int = Field(default=1024, ge=1)
     max_steps_per_epoch: int | None = Field(
-        default=None, ge=1, description="cut epochs short (smoke runs)"
+        default=None, ge=1, description="cut epochs and the noise warm-up short (smoke runs)"
+    )
+    max_eval_batches: int | None = Field(
+        default=None, ge=1, description="evaluate on this many batches only (smoke runs)"
     )
     stop_after_epochs: int | None = Field(
         default=None,

@@ -36,13 +36,19 @@ class StudyResult:
 
 
 def smoke(spec: StudyConfig) -> StudyConfig:
-    """The same study, tiny: 2 trials of 2 short epochs on the CPU."""
+    """The same study, tiny: 2 trials of 2 short epochs (and short evaluations) on the CPU."""
     base = set_fields(
-        config_to_dict(spec.base), {"train.epochs": 2, "train.max_steps_per_epoch": 3}
+        config_to_dict(spec.base),
+        {"train.epochs": 2, "train.max_steps_per_epoch": 3, "train.max_eval_batches": 2},
     )
     study = set_fields(
         config_to_dict(spec.study),
-        {"num_trials": 2, "resources.gpus": 0, "scheduler.grace_period": 1},
+        {
+            "num_trials": 2,
+            "resources.cpus": 1,
+            "resources.gpus": 0,
+            "scheduler.grace_period": 1,
+        },
     )
     return StudyConfig.model_validate({"base": base, "study": study})
 
@@ -113,14 +119,21 @@ def connect(address: str | None) -> None:
 
 
 def check_resources(spec: StudyConfig) -> None:
-    """GPUs asked of a cluster without any would leave trials pending forever: refuse now."""
+    """A trial no node can host would stay pending forever (Ray only warns): refuse now."""
     import ray
 
+    wanted = spec.study.resources
     gpus = ray.cluster_resources().get("GPU", 0)
-    if spec.study.resources.gpus > 0 and gpus == 0:
+    if wanted.gpus > 0 and gpus == 0:
         raise ConfigError(
-            f"study.resources.gpus is {spec.study.resources.gpus} but the Ray cluster has no "
+            f"study.resources.gpus is {wanted.gpus} but the Ray cluster has no "
             "GPU: set it to 0 (CPU trials) or join a cluster with GPUs (--address)"
+        )
+    largest = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    if wanted.cpus > largest:
+        raise ConfigError(
+            f"study.resources.cpus is {wanted.cpus} but no Ray node has more than {largest:g} "
+            "CPUs: lower it, or join a larger cluster (--address)"
         )
 
 

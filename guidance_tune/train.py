@@ -146,6 +146,7 @@ def run_noise_warmup(run: Run) -> None:
     """The pre-training phase in which the guide sees noise (and, if shared, the target too)."""
     warmup = run.config.noise_warmup
     batch_size = run.config.train.batch_size
+    steps = min(warmup.steps, run.config.train.max_steps_per_epoch or warmup.steps)
     done = 0
     run.target.train()
     for warmup_pass in itertools.count(1):
@@ -162,7 +163,7 @@ def run_noise_warmup(run: Run) -> None:
             loss.backward()
             run.optimizer.step()
             done += 1
-            if done == warmup.steps:
+            if done == steps:
                 run.term.pop_similarities()
                 return
 
@@ -206,19 +207,20 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
     run.target.eval()
-    sums = torch.zeros(3, device=run.device)  # loss, top1, top5
+    sums = torch.zeros(4, device=run.device)  # loss, top1, top5, samples
     k = min(5, run.data.num_classes)
-    for x, y in run.data.val.batches(
+    batches = run.data.val.batches(
         run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
-    ):
+    )
+    for x, y in itertools.islice(batches, run.config.train.max_eval_batches):
         with run.autocast():
             logits = run.target(x).float()
         top = logits.topk(k, dim=1).indices
         hits = top == y[:, None]
-        sums += torch.stack(
-            [F.cross_entropy(logits, y, reduction="sum"), hits[:, 0].sum(), hits.any(1).sum()]
-        ).float()
-    loss, top1, top5 = (sums / run.data.val.num_samples).tolist()
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).float()
+        sums += torch.cat([loss[None], counts, loss.new_tensor([len(y)])])
+    loss, top1, top5 = (sums[:3] / sums[3]).tolist()
     metrics = {"val/loss": loss, "val/top1": top1}
     if run.data.num_classes > 5:
         metrics["val/top5"] = top5

@@ -156,6 +156,14 @@ def test_gpu_fraction_on_a_cluster_without_gpus_is_refused(ray_local, tmp_path, 
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_more_cpus_per_trial_than_any_node_has_is_refused(ray_local, tmp_path, capsys):
+    path = tmp_path / "cpus.yaml"
+    path.write_text(yaml.safe_dump(study_dict("cpus", tmp_path, resources={"cpus": 8})))
+    assert main(["study", "launch", str(path)]) == 2
+    assert "study.resources.cpus" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_malformed_study_yaml_is_refused(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("study: {space: guidance\n")

@@ -147,3 +147,16 @@ def test_mapping_to_a_missing_layer_is_a_config_error():
     )
     with pytest.raises(ConfigError, match="layer9.conv1"):
         build_run(config)
+
+
+def test_smoke_limits_cut_evaluation_and_noise_warmup_short():
+    config = tiny_config(
+        noise_warmup={"steps": 50},
+        train={"epochs": 1, "max_steps_per_epoch": 2, "max_eval_batches": 1, "eval_batch_size": 8},
+    )
+    run = build_run(config)
+    guide_calls = []
+    run.guide.register_forward_pre_hook(lambda m, a: guide_calls.append(1))
+    result = fit(run)
+    assert len(guide_calls) == 2 + 2  # warm-up cut to 2 steps, then 2 guided training steps
+    assert result.final["val/top1"] in {k / 8 for k in range(9)}  # one batch of 8 evaluated
