@@ -122,11 +122,17 @@ def unguided_arm_has_run(trial: optuna.Trial) -> bool:
     return any(t.params.get("guidance.kind") == "none" for t in others if t.number != trial.number)
 
 
-def baseline_lr_and_batch_size(
-    base: dict[str, Any], *, lr: Iterable[float] | None, batch_sizes: Iterable[int] | None
+def unguided_baseline(
+    *,
+    base: dict[str, Any],
+    lr: Iterable[float] | None = None,
+    batch_sizes: Iterable[int] | None = None,
+    **guided_arm_options: Any,
 ) -> dict[str, Any]:
-    """The base run's lr and batch size as params, moved into the searched range or choices."""
-    params: dict[str, Any] = {}
+    """The unguided arm's params, for any space that searches lr and batch size in every arm:
+    the base run's values, moved into the searched range or choices. The other options only
+    shape the guided arms, so they are checked when the space samples."""
+    params: dict[str, Any] = {"guidance.kind": "none"}
     if lr is not None:
         low, high = log_range("lr", lr)
         params["optim.lr"] = min(max(float(base["optim"]["lr"]), low), high)

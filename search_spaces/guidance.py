@@ -12,7 +12,6 @@ from typing import Any
 import optuna
 
 from search_spaces import (
-    baseline_lr_and_batch_size,
     choices,
     is_count,
     log_range,
@@ -20,25 +19,11 @@ from search_spaces import (
     require_guide,
     suggest_lr_and_batch_size,
     unguided_arm_has_run,
+    unguided_baseline,
 )
 
 
-def guidance_baseline(
-    *,
-    base: dict[str, Any],
-    lr: Sequence[float] | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    **guided_arm_options: Any,
-) -> dict[str, Any]:
-    """Params of the unguided arm: the base lr and batch size where those are searched. The
-    other options only shape the guided arm, so they are checked when the space samples."""
-    return {
-        "guidance.kind": "none",
-        **baseline_lr_and_batch_size(base, lr=lr, batch_sizes=batch_sizes),
-    }
-
-
-@register_space("guidance", baseline=guidance_baseline)
+@register_space("guidance", baseline=unguided_baseline)
 def guidance_space(
     trial: optuna.Trial,
     *,

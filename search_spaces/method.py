@@ -9,29 +9,15 @@ from typing import Any
 import optuna
 
 from search_spaces import (
-    baseline_lr_and_batch_size,
     log_range,
     register_space,
     require_guide,
     suggest_lr_and_batch_size,
+    unguided_baseline,
 )
 
 
-def method_baseline(
-    *,
-    base: dict[str, Any],
-    lr: Sequence[float] | None = None,
-    batch_sizes: Sequence[int] | None = None,
-    **guided_arm_options: Any,
-) -> dict[str, Any]:
-    """Params of the unguided arm: the base lr and batch size where those are searched."""
-    return {
-        "guidance.kind": "none",
-        **baseline_lr_and_batch_size(base, lr=lr, batch_sizes=batch_sizes),
-    }
-
-
-@register_space("method", baseline=method_baseline)
+@register_space("method", baseline=unguided_baseline)
 def method_space(
     trial: optuna.Trial,
     *,
