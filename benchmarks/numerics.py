@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from benchmarks.variants import Options, build
-from guidance_tune.alignment import cka_representation
+from guidance_tune.alignment import METRICS
 from guidance_tune.layers import LayerCapture
 from guidance_tune.train import guided_loss
 
@@ -29,7 +29,7 @@ def _copy(activation: Tensor) -> Tensor:
 
 def _exact_cka(target: Tensor, guide: Tensor) -> float:
     """Linear CKA in float64 from raw activations (b, ...)."""
-    rep = cka_representation
+    rep = METRICS["cka"].represent
     return float((rep(target.double()) * rep(guide.double())).sum())
 
 

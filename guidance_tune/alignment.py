@@ -9,10 +9,13 @@ activations to a unit-Frobenius-norm ``(b, b)`` fp32 matrix:
 - ``rsa``: the authors' RSA, the Pearson correlation of cosine-similarity matrices:
   ``R = (S - mean S) / ||S - mean S||`` with ``S_ij = K_ij / sqrt(K_ii K_jj)``.
 
-The factorisation is what makes guidance cheap: the guide needs no gradient, so ``R(y)`` is all
-it must keep (exact for value and gradient, notes B.7), and all pairs reduce in one batched
-product. Grams are accumulated and returned in fp32 whatever the activation dtype: a bf16
-Gram centred afterwards is off by up to 0.14 in CKA on post-ReLU features (notes B.4).
+The factorisation is what makes guidance cheap: the guide needs no gradient, so its b x b Gram
+is all it must keep (exact for value and gradient, notes B.7). ``R`` itself splits in two: the
+raw Gram, taken per layer as the forward passes it, and ``from_gram``, which takes a stack of
+Grams, so every layer of a network is centred and normalised in one set of batched operators
+rather than twenty tiny ones per layer. Grams are accumulated and returned in fp32 whatever the
+activation dtype: a bf16 Gram centred afterwards is off by up to 0.14 in CKA on post-ReLU
+features (notes B.4).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # Below this share of the raw Gram's norm a centred Gram is fp32 round-off, not signal: such a
 # layer is treated as constant (similarity -> 0, finite gradient) instead of dividing by ~0.
@@ -29,60 +33,91 @@ _RELATIVE_FLOOR = 1e-5
 _ABSOLUTE_FLOOR = 1e-30
 
 
+class _Gram(torch.autograd.Function):
+    """``X X^T`` whose backward is one product, ``(G + G^T) X``, where autograd's own takes two,
+    and which saves X in its own dtype (a bf16 activation is not kept as an fp32 copy)."""
+
+    @staticmethod
+    def forward(ctx, flat: Tensor) -> Tensor:
+        ctx.save_for_backward(flat)
+        upcast = _at_least_fp32(flat)
+        return upcast @ upcast.T
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (flat,) = ctx.saved_tensors
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            upcast = _at_least_fp32(flat)
+            grad = grad.to(upcast.dtype)
+            return ((grad + grad.T) @ upcast).to(flat.dtype)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def gram(x: Tensor) -> Tensor:
     """Raw linear Gram ``X X^T``, at least fp32. x: (b, ...) -> (b, b) float32 (float64 stays)."""
     flat = x.reshape(x.shape[0], -1)
     with torch.autocast(device_type=flat.device.type, enabled=False):
-        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-        return flat @ flat.T
+        return _Gram.apply(flat)
+
+
+# The functions below take raw Grams k of shape (..., b, b): one call finishes every layer of a
+# network at once, which is what keeps the per-step operator count independent of the pairs.
 
 
 def center(k: Tensor) -> Tensor:
-    """Double centring ``H K H`` without forming H: k (b, b) -> (b, b)."""
-    return k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+    """Double centring ``H K H`` without forming H."""
+    return k - k.mean(-2, keepdim=True) - k.mean(-1, keepdim=True) + k.mean((-2, -1), keepdim=True)
 
 
 def u_center(k: Tensor) -> Tensor:
-    """Szekely-Rizzo U-centring (zero diagonal), the unbiased-HSIC form: k (b, b) -> (b, b).
+    """Szekely-Rizzo U-centring (zero diagonal), the unbiased-HSIC form.
 
     ``<U(K), U(L)> / (b (b - 3))`` is the unbiased HSIC estimator, so the normalised inner
     product is debiased CKA. Needs b >= 4.
     """
-    b = k.shape[0]
+    b = k.shape[-1]
     off_diagonal = 1.0 - torch.eye(b, dtype=k.dtype, device=k.device)
     k = k * off_diagonal
-    row_means = k.sum(1) / (b - 2)
-    total = k.sum() / ((b - 1) * (b - 2))
-    centred = k - row_means[:, None] - row_means[None, :] + total
+    row_means = k.sum(-1) / (b - 2)
+    total = k.sum((-2, -1), keepdim=True) / ((b - 1) * (b - 2))
+    centred = k - row_means[..., :, None] - row_means[..., None, :] + total
     return centred * off_diagonal
 
 
+def _squared_norm(m: Tensor) -> Tensor:
+    return (m * m).sum((-2, -1), keepdim=True)
+
+
 def _unit(m: Tensor, scale: Tensor) -> Tensor:
-    """``m / ||m||_F`` with a floor relative to ``scale`` (the raw Gram's norm), so a constant
-    layer gives a zero matrix with a finite gradient instead of the authors' NaN."""
-    floor = (_RELATIVE_FLOOR * scale.detach()) ** 2 + _ABSOLUTE_FLOOR
-    return m * torch.rsqrt(torch.clamp((m * m).sum(), min=floor))
+    """``m / ||m||_F`` per matrix, with a floor relative to ``scale`` (the raw Gram's squared
+    norm), so a constant layer gives a zero matrix with a finite gradient instead of the authors'
+    NaN."""
+    floor = _RELATIVE_FLOOR**2 * scale.detach() + _ABSOLUTE_FLOOR
+    return m * torch.rsqrt(torch.maximum(_squared_norm(m), floor))
 
 
-def cka_representation(x: Tensor) -> Tensor:
-    """x: (b, ...) -> (b, b) unit-norm centred Gram."""
-    k = gram(x)
-    return _unit(center(k), torch.linalg.matrix_norm(k))
+def cka_from_gram(k: Tensor) -> Tensor:
+    """Unit-norm centred Grams."""
+    return _unit(center(k), _squared_norm(k))
 
 
-def debiased_cka_representation(x: Tensor) -> Tensor:
-    """x: (b, ...) -> (b, b) unit-norm U-centred Gram."""
-    k = gram(x)
-    return _unit(u_center(k), torch.linalg.matrix_norm(k))
+def debiased_cka_from_gram(k: Tensor) -> Tensor:
+    """Unit-norm U-centred Grams."""
+    return _unit(u_center(k), _squared_norm(k))
 
 
-def rsa_representation(x: Tensor) -> Tensor:
-    """x: (b, ...) -> (b, b) unit-norm mean-removed cosine-similarity matrix."""
-    k = gram(x)
-    inverse_norms = torch.rsqrt(torch.clamp(torch.diagonal(k), min=_ABSOLUTE_FLOOR))
-    cosine = k * inverse_norms[:, None] * inverse_norms[None, :]
-    deviation = cosine - cosine.mean()
-    return _unit(deviation, torch.linalg.matrix_norm(cosine))
+def rsa_from_gram(k: Tensor) -> Tensor:
+    """Unit-norm mean-removed cosine-similarity matrices."""
+    inverse_norms = torch.rsqrt(
+        torch.clamp(torch.diagonal(k, dim1=-2, dim2=-1), min=_ABSOLUTE_FLOOR)
+    )
+    cosine = k * inverse_norms[..., :, None] * inverse_norms[..., None, :]
+    deviation = cosine - cosine.mean((-2, -1), keepdim=True)
+    return _unit(deviation, _squared_norm(cosine))
 
 
 @dataclass(frozen=True)
@@ -90,8 +125,12 @@ class Metric:
     """A similarity in factored form: ``similarity(x, y) = <represent(x), represent(y)>``."""
 
     name: str
-    represent: Callable[[Tensor], Tensor]
+    from_gram: Callable[[Tensor], Tensor]
     min_batch: int
+
+    def represent(self, x: Tensor) -> Tensor:
+        """x: (b, ...) -> (b, b) unit-norm fp32 representation."""
+        return self.from_gram(gram(x))
 
     def check_batch(self, batch_size: int) -> None:
         if batch_size < self.min_batch:
@@ -107,9 +146,9 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "cka": Metric("cka", cka_representation, min_batch=2),
-    "debiased_cka": Metric("debiased_cka", debiased_cka_representation, min_batch=4),
-    "rsa": Metric("rsa", rsa_representation, min_batch=3),
+    "cka": Metric("cka", cka_from_gram, min_batch=2),
+    "debiased_cka": Metric("debiased_cka", debiased_cka_from_gram, min_batch=4),
+    "rsa": Metric("rsa", rsa_from_gram, min_batch=3),
 }
 
 linear_cka = METRICS["cka"]

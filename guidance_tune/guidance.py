@@ -7,9 +7,9 @@ Three lines in any training loop::
     loss = F.cross_entropy(logits, y) + guidance(x, logits)
 
 The task forward is the captured one (the authors run the target twice), the guide runs once
-under ``no_grad`` in eval mode and keeps only one b x b matrix per pair, and all pairs reduce
-in one batched product. Per-pair similarities accumulate on the device and are read once per
-epoch, so a step has no host sync.
+under ``no_grad`` in eval mode and keeps only one b x b Gram per hooked layer, and all layers
+are centred, normalised and paired in a handful of batched operators. Per-pair similarities
+accumulate on the device and are read once per epoch, so a step has no host sync.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidance_tune.alignment import get_metric, paired_similarities
+from guidance_tune.alignment import get_metric, gram, paired_similarities
 from guidance_tune.config import GuidanceConfig
 from guidance_tune.layers import LayerCapture, build_pairs, discover_layers
 
@@ -140,15 +140,17 @@ class Guidance(GuideTerm):
             guide_subset=self.config.guide_layers,
             explicit=self.config.pairs,
         )
+        self._target_layers = list(dict.fromkeys(t for t, _ in self.pairs))
+        self._guide_layers = list(dict.fromkeys(g for _, g in self.pairs))
+        self._pair_rows = {
+            "target": [self._target_layers.index(t) for t, _ in self.pairs],
+            "guide": [self._guide_layers.index(g) for _, g in self.pairs],
+        }
+        self._pair_index: dict[tuple[str, torch.device], Tensor] = {}
         self._target_capture = LayerCapture(
-            target,
-            list(dict.fromkeys(t for t, _ in self.pairs)),
-            self.metric.represent,
-            should_capture=self._capturing_target,
+            target, self._target_layers, gram, should_capture=self._capturing_target
         )
-        self._guide_capture = LayerCapture(
-            guide, list(dict.fromkeys(g for _, g in self.pairs)), self.metric.represent
-        )
+        self._guide_capture = LayerCapture(guide, self._guide_layers, gram)
         self._similarity_sum = torch.zeros(())
         self._steps_summed = 0
 
@@ -171,13 +173,29 @@ class Guidance(GuideTerm):
             )
         self._guide_capture.clear()
         self._run_guide(guide_inputs)
-        target_reps = torch.stack([captured[t] for t, _ in self.pairs])
-        guide_reps = torch.stack([self._guide_capture.captured[g] for _, g in self.pairs])
+        target_reps = self._pair_representations("target", self._target_layers, captured)
+        guide_reps = self._pair_representations(
+            "guide", self._guide_layers, self._guide_capture.captured
+        )
         similarities = paired_similarities(target_reps, guide_reps)
         self._accumulate(similarities.detach())
         self._target_capture.clear()
         self._guide_capture.clear()
         return (1.0 - similarities).sum()
+
+    def _pair_representations(
+        self, side: str, layers: list[str], grams: dict[str, Tensor]
+    ) -> Tensor:
+        """Each layer's Gram finished once, in one batched call, then one row per pair:
+        (P, b, b). A layer met by several pairs is finished once."""
+        representations = self.metric.from_gram(torch.stack([grams[name] for name in layers]))
+        rows = self._pair_rows[side]
+        if rows == list(range(len(layers))):
+            return representations
+        key = (side, representations.device)
+        if key not in self._pair_index:  # built once per device: no host copy inside the step
+            self._pair_index[key] = torch.tensor(rows, device=representations.device)
+        return representations.index_select(0, self._pair_index[key])
 
     def _accumulate(self, similarities: Tensor) -> None:
         if self._steps_summed == 0:

@@ -144,3 +144,32 @@ def test_paired_similarities_reduce_all_pairs_at_once():
     )
     one_by_one = torch.stack([linear_cka(x, y) for x, y in zip(xs, ys, strict=True)])
     torch.testing.assert_close(batched, one_by_one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_gradient_matches_autograd_in_the_activation_dtype(dtype):
+    x = torch.relu(_features(b=12, d=40, seed=20, dtype=torch.float32)).to(dtype)
+    weights = _features(b=12, d=12, seed=21, dtype=torch.float32)
+    ours = x.clone().requires_grad_()
+    (gram(ours) * weights).sum().backward()
+    reference = x.double().requires_grad_()
+    (reference @ reference.T * weights.double()).sum().backward()
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-2, atol=1e-2)
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_a_stack_of_grams_finishes_like_each_gram_alone(name):
+    """Batching must not mix layers: a constant layer's floor and a huge layer's scale stay its
+    own."""
+    activations = [
+        torch.ones(8, 5, dtype=torch.float64),
+        1e4 * _features(b=8, d=30, seed=22),
+        torch.relu(_features(b=8, d=7, seed=23)),
+    ]
+    from_gram = METRICS[name].from_gram
+    stacked = from_gram(torch.stack([gram(a) for a in activations]))
+    alone = torch.stack([from_gram(gram(a)) for a in activations])
+    torch.testing.assert_close(stacked, alone)

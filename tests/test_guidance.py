@@ -3,8 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidance_tune.alignment import METRICS
 from guidance_tune.config import GuidanceConfig, ModelConfig
 from guidance_tune.guidance import Guidance, LogitDistillation
+from guidance_tune.layers import LayerCapture
 from guidance_tune.models import create_model
 
 SHAPE = {"in_channels": 1, "image_size": 16, "num_classes": 10}
@@ -102,6 +104,27 @@ def test_after_the_guided_steps_the_guide_never_runs():
     assert guide_calls.calls == 2
     x, _ = _batch()
     assert guidance(x, target(x)).item() == 0.0
+
+
+@pytest.mark.parametrize("metric", sorted(METRICS))
+def test_each_pair_gets_the_metric_of_its_own_two_layers(metric):
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    config = GuidanceConfig(mapping="all_pairs", metric=metric)
+    guidance = Guidance(target, guide, sample_input=x[:2], config=config)
+    target_layers = [t for t, _ in guidance.pairs]
+    assert len(set(target_layers)) < len(target_layers)  # layers shared by several pairs
+    raw_target = LayerCapture(target, sorted(set(target_layers)), torch.Tensor.detach)
+    raw_guide = LayerCapture(guide, sorted({g for _, g in guidance.pairs}), torch.Tensor.detach)
+    target.train()
+    loss = guidance(x, target(x))
+    similarities = guidance.pop_similarities()
+    expected = [
+        METRICS[metric](raw_target.captured[t], raw_guide.captured[g]).item()
+        for t, g in guidance.pairs
+    ]
+    assert list(similarities.values()) == pytest.approx(expected, abs=1e-5)
+    assert loss.item() == pytest.approx(sum(1 - e for e in expected), abs=1e-4)
 
 
 def test_guidance_raises_alignment_of_the_mapped_layers():
