@@ -54,13 +54,20 @@ def _eval_mode(*models: nn.Module):
 
 
 class GuideTerm(ABC):
-    """What every guidance loss shares: a frozen guide, a weight and the guided-steps schedule."""
+    """What every guidance loss shares: a frozen guide, a weight and the guided-steps schedule.
+
+    The guide's part of a step (its forward, and what the loss needs of it) can run before the
+    target's forward through :meth:`prepare`: its activations are then freed before the target
+    saves its own for backward, so they never add to the step's peak memory. Called without
+    ``prepare``, the term runs the guide itself.
+    """
 
     def __init__(self, guide: nn.Module, config: GuidanceConfig) -> None:
         self.guide = guide.eval().requires_grad_(False)
         self.config = config
         self.step = 0
         self.in_noise_warmup = False
+        self._prepared: tuple[Tensor, Tensor] | None = None  # (target batch, guide pass)
 
     @property
     def active(self) -> bool:
@@ -79,21 +86,42 @@ class GuideTerm(ABC):
         finally:
             self.step, self.in_noise_warmup = step, False
 
+    def prepare(self, inputs: Tensor, guide_inputs: Tensor | None = None) -> None:
+        """Run the guide's part of the next call now, for the batch the target is about to see;
+        nothing once the guided steps are over."""
+        if self.active:
+            guide_output = self._guide_pass(self._guide_inputs(inputs, guide_inputs))
+            self._prepared = (inputs, guide_output)
+
     def __call__(
         self, inputs: Tensor, logits: Tensor | None = None, guide_inputs: Tensor | None = None
     ) -> Tensor:
         """The weighted term for the batch the target has just seen in train mode; zero, with
         no guide forward at all, once the guided steps are over."""
+        prepared, self._prepared = self._prepared, None
         if not self.active:
             self.step += 1
             return torch.zeros((), device=inputs.device)
-        loss = self.loss(inputs, logits, self._guide_inputs(inputs, guide_inputs))
+        if prepared is None:
+            guide_output = self._guide_pass(self._guide_inputs(inputs, guide_inputs))
+        else:
+            prepared_inputs, guide_output = prepared
+            if prepared_inputs is not inputs:
+                raise ValueError(
+                    "prepare() was given another batch than this call: prepare(x) with the very "
+                    "batch the target sees next, then term(x, logits)"
+                )
+        loss = self.loss(inputs, logits, guide_output)
         self.step += 1
         return self.config.weight * loss
 
     @abstractmethod
-    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
-        """The unweighted term."""
+    def _guide_pass(self, guide_inputs: Tensor) -> Tensor:
+        """The guide's forward, reduced to what :meth:`loss` needs of it."""
+
+    @abstractmethod
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_output: Tensor) -> Tensor:
+        """The unweighted term, from the target's side of the step and the guide pass."""
 
     def _guide_inputs(self, inputs: Tensor, guide_inputs: Tensor | None) -> Tensor:
         if guide_inputs is not None:
@@ -161,7 +189,17 @@ class Guidance(GuideTerm):
         """Metric-key-safe names of the pairs, ``target:guide``."""
         return [f"{t}:{g}".replace("#", "_call") for t, g in self.pairs]
 
-    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
+    def _guide_pass(self, guide_inputs: Tensor) -> Tensor:
+        """The guide's representation for every pair: (P, b, b)."""
+        self._guide_capture.clear()
+        self._run_guide(guide_inputs)
+        representations = self._pair_representations(
+            "guide", self._guide_layers, self._guide_capture.captured
+        )
+        self._guide_capture.clear()
+        return representations
+
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_output: Tensor) -> Tensor:
         """Sum over pairs of (1 - similarity), from what the target's hooks just captured."""
         self.metric.check_batch(inputs.shape[0])
         captured = self._target_capture.captured
@@ -171,16 +209,10 @@ class Guidance(GuideTerm):
                 f"no activation captured for target layer {missing[0]!r}: call target(x) in "
                 "train mode with gradients enabled before guidance(x)"
             )
-        self._guide_capture.clear()
-        self._run_guide(guide_inputs)
         target_reps = self._pair_representations("target", self._target_layers, captured)
-        guide_reps = self._pair_representations(
-            "guide", self._guide_layers, self._guide_capture.captured
-        )
-        similarities = paired_similarities(target_reps, guide_reps)
+        similarities = paired_similarities(target_reps, guide_output)
         self._accumulate(similarities.detach())
         self._target_capture.clear()
-        self._guide_capture.clear()
         return (1.0 - similarities).sum()
 
     def _pair_representations(
@@ -223,10 +255,13 @@ class LogitDistillation(GuideTerm):
     Same schedule and guide inputs as :class:`Guidance`, so the comparison is one config field.
     """
 
-    def loss(self, inputs: Tensor, logits: Tensor | None, guide_inputs: Tensor) -> Tensor:
+    def _guide_pass(self, guide_inputs: Tensor) -> Tensor:
+        return self._run_guide(guide_inputs)
+
+    def loss(self, inputs: Tensor, logits: Tensor | None, guide_output: Tensor) -> Tensor:
         if logits is None:
             raise ValueError("distillation needs the target's logits: call term(x, logits)")
-        guide_logits = self._run_guide(guide_inputs)
+        guide_logits = guide_output
         if guide_logits.shape != logits.shape:
             raise ValueError(
                 f"distillation needs guide logits shaped like the target's: guide gives "

@@ -133,8 +133,11 @@ def build_run(config: RunConfig) -> Run:
 
 
 def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
-    """One forward of the target (the captured one) and the loss terms, on the device."""
+    """One forward of the target (the captured one) and the loss terms, on the device. The guide
+    runs first, so its activations are gone before the target's are saved for backward."""
     with run.autocast():
+        if run.term is not None:
+            run.term.prepare(x, guide_inputs=guide_x)
         logits = run.target(x)
         task = F.cross_entropy(logits.float(), y)
         if run.term is None:

@@ -71,6 +71,41 @@ def test_one_target_forward_and_one_guide_forward_per_guided_step():
     assert guide_calls.calls == 3
 
 
+def _term(kind, target, guide, x):
+    config = GuidanceConfig(kind=kind)
+    if kind == "distillation":
+        return LogitDistillation(guide, config)
+    return Guidance(target, guide, sample_input=x[:2], config=config)
+
+
+@pytest.mark.parametrize("kind", ["alignment", "distillation"])
+def test_preparing_the_guide_before_the_target_forward_gives_the_same_term(kind):
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    term = _term(kind, target, guide, x)
+    target.train()
+    torch.manual_seed(0)  # the same dropout masks in both target forwards
+    guide_after = term(x, target(x))
+    guide_calls = CallCounter(guide)
+    torch.manual_seed(0)
+    term.prepare(x)
+    guide_first = term(x, target(x))
+    assert guide_calls.calls == 1
+    assert guide_first.item() == pytest.approx(guide_after.item(), rel=1e-6)
+    assert guide_first.requires_grad
+
+
+def test_a_prepared_guide_pass_for_another_batch_is_refused():
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    guidance = _term("alignment", target, guide, x)
+    target.train()
+    other, _ = _batch(seed=1)
+    guidance.prepare(x)
+    with pytest.raises(ValueError, match="prepare"):
+        guidance(other, target(other))
+
+
 def test_guide_is_bitwise_unchanged_and_gets_no_gradient():
     target, guide = _fcn(), _resnet18()
     guide.train()  # even a guide handed over in train mode must keep its BatchNorm statistics
