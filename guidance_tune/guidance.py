@@ -53,6 +53,13 @@ def _eval_mode(*models: nn.Module):
                 module.training = flag
 
 
+def _pair_rows(pair_layers: list[str], layers: list[str]) -> list[int] | None:
+    """Which finished layer each pair reads; None where they line up one to one, so the step
+    needs no gather."""
+    rows = [layers.index(name) for name in pair_layers]
+    return None if rows == list(range(len(layers))) else rows
+
+
 class GuideTerm(ABC):
     """What every guidance loss shares: a frozen guide, a weight and the guided-steps schedule.
 
@@ -171,8 +178,8 @@ class Guidance(GuideTerm):
         self._target_layers = list(dict.fromkeys(t for t, _ in self.pairs))
         self._guide_layers = list(dict.fromkeys(g for _, g in self.pairs))
         self._pair_rows = {
-            "target": [self._target_layers.index(t) for t, _ in self.pairs],
-            "guide": [self._guide_layers.index(g) for _, g in self.pairs],
+            "target": _pair_rows([t for t, _ in self.pairs], self._target_layers),
+            "guide": _pair_rows([g for _, g in self.pairs], self._guide_layers),
         }
         self._pair_index: dict[tuple[str, torch.device], Tensor] = {}
         self._target_capture = LayerCapture(
@@ -222,7 +229,7 @@ class Guidance(GuideTerm):
         (P, b, b). A layer met by several pairs is finished once."""
         representations = self.metric.from_gram(torch.stack([grams[name] for name in layers]))
         rows = self._pair_rows[side]
-        if rows == list(range(len(layers))):
+        if rows is None:
             return representations
         key = (side, representations.device)
         if key not in self._pair_index:  # built once per device: no host copy inside the step
