@@ -86,6 +86,16 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
 BEST_CHECKPOINT_ARTIFACT = "checkpoints"
 
 
+def status_tags(status: str, error: str | None = None) -> dict[str, str]:
+    """The tags that say how a run ended, wherever its end is recorded."""
+    tags = {"status": status}
+    if status == "stopped":
+        tags["stopped_by_tune"] = "true"
+    if error is not None:
+        tags["error"] = error[:5000]
+    return tags
+
+
 class MlflowReporter(Reporter):
     """Logs every epoch; keeps the best epoch's checkpoint and uploads it when the run ends."""
 
@@ -107,18 +117,14 @@ class MlflowReporter(Reporter):
             save_checkpoint(checkpoint(), self.best_path)
 
     def close(self, status: str, error: str | None = None) -> None:
-        """Upload the best checkpoint, set the final status and tags, drop the temp dir.
+        """Set the final status and tags, upload the best checkpoint, drop the temp dir.
 
         ``status`` is finished, diverged, stopped (ended early by a scheduler) or failed; only
-        failed makes the MLflow run FAILED, and ``error`` is kept as a tag.
+        failed makes the MLflow run FAILED, and ``error`` is kept as a tag. The tags go first:
+        a trial Tune stops can be cut off while it closes, and they are what tells why it ended.
         """
+        self.run.set_tags(status_tags(status, error))
         if self.best_path.exists():
             self.run.log_artifact(self.best_path, BEST_CHECKPOINT_ARTIFACT)
-        tags = {"status": status}
-        if status == "stopped":
-            tags["stopped_by_tune"] = "true"
-        if error is not None:
-            tags["error"] = error[:5000]
-        self.run.set_tags(tags)
         self.run.finish("FAILED" if status == "failed" else "FINISHED")
         self._dir.cleanup()

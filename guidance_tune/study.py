@@ -248,11 +248,15 @@ def launch(
         uri, experiment_id, parent_id, spec.base.name, spec.study.metric, spec.study.mode
     )
     resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
+    base = config_to_dict(spec.base)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=config_to_dict(spec.base), tracking=tracking),
+        tune.with_parameters(run_trial, base=base, tracking=tracking),
         resources,
     )
-    callbacks = [ConsoleProgress(spec.study.metric, spec.study.mode), MlflowSafetyNet(tracking)]
+    callbacks = [
+        ConsoleProgress(spec.study.metric, spec.study.mode),
+        MlflowSafetyNet(tracking, base),
+    ]
     results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
     return summarise(spec, tracking, results)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from ray.tune import Callback
 
+from guidance_tune.reporting import status_tags
 from guidance_tune.tracking import mlflow_client
-from guidance_tune.trial import TrialTracking
+from guidance_tune.trial import TrialTracking, end_status_on_exit, trial_config
 
 
 class ConsoleProgress(Callback):
@@ -52,24 +54,32 @@ class ConsoleProgress(Callback):
 
 
 class MlflowSafetyNet(Callback):
-    """A trial process killed hard cannot end its MLflow run; the driver does it instead."""
+    """A trial process killed hard, or cut off while it closes after Tune stopped it, cannot
+    end its MLflow run; the driver does it instead, saying what the trial would have said."""
 
-    def __init__(self, tracking: TrialTracking) -> None:
+    def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
         self.tracking = tracking
+        self.base = base
 
-    def _terminate(self, trial, status: str) -> None:
+    def _terminate(self, trial, status: str, tags: dict[str, str]) -> None:
         client = mlflow_client(self.tracking.tracking_uri)
         runs = client.search_runs(
             [self.tracking.experiment_id],
             filter_string=f"tags.`ray.trial_id` = '{trial.trial_id}'",
         )
         for run in runs:
-            if run.info.status == "RUNNING":
-                client.set_tag(run.info.run_id, "status", status.lower())
-                client.set_terminated(run.info.run_id, status)
+            if run.info.status != "RUNNING":
+                continue
+            if "status" not in run.data.tags:  # the trial's own word, where it got that far
+                for key, value in tags.items():
+                    client.set_tag(run.info.run_id, key, value)
+            client.set_terminated(run.info.run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._terminate(trial, "FINISHED")
+        """A run still open here was ended by Tune's SystemExit (scheduler or max_t)."""
+        epochs_done = int((trial.last_result or {}).get("epoch", -1)) + 1
+        outcome = end_status_on_exit(epochs_done, trial_config(self.base, trial.config))
+        self._terminate(trial, "FINISHED", status_tags(outcome))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._terminate(trial, "FAILED")
+        self._terminate(trial, "FAILED", status_tags("failed"))

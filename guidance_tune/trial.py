@@ -44,6 +44,11 @@ class TrialTracking:
     mode: str
 
 
+def end_status_on_exit(epochs_done: int, config: RunConfig) -> str:
+    """Tune ends every trial with SystemExit, at max_t too; only one cut short was stopped."""
+    return "finished" if epochs_done >= config.train.epochs else "stopped"
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
     """The base run with each sampled ``section.field`` value set."""
     return parse_run_config(set_fields(base, params), source="trial parameters")
@@ -117,9 +122,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTr
     try:
         result = train(config, reporter, checkpoint=state)
     except SystemExit:
-        # Tune ends every trial this way, at max_t too; only one cut short was stopped early
-        finished = reporter.epochs_done >= config.train.epochs
-        reporter.close("finished" if finished else "stopped")
+        reporter.close(end_status_on_exit(reporter.epochs_done, config))
         raise
     except BaseException as error:
         reporter.close("failed", error=repr(error))

@@ -63,6 +63,9 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
         assert epochs == list(range(len(epochs))) and epochs
         config = load_run_config_from_mlflow(uri, child.info.run_id)
+        stopped = len(epochs) < config.train.epochs  # each run says why it ended
+        assert child.data.tags["status"] == ("stopped" if stopped else "finished")
+        assert (child.data.tags.get("stopped_by_tune") == "true") == stopped
         assert config.optim.lr == float(child.data.params["optim.lr"])
     baseline = [c for c in children if c.data.params["guidance.kind"] == "none"]
     assert baseline, "the unguided arm is always evaluated"
