@@ -62,7 +62,7 @@ def arms(args: argparse.Namespace, gpus: int) -> list[dict]:
 
 
 def study_spec(args: argparse.Namespace, arm: dict, scratch: Path):
-    from guidance_tune.config import load_study_config
+    from guidance_tune.study import load_study
 
     overrides = {
         "name": "throughput",
@@ -76,7 +76,7 @@ def study_spec(args: argparse.Namespace, arm: dict, scratch: Path):
         "study.tracking_uri": f"sqlite:///{scratch}/mlflow.db",
         "study.storage_path": str(scratch / "ray_results"),
     }
-    return load_study_config(args.study, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    return load_study(args.study, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
 
 def run_arm(args: argparse.Namespace, arm: dict) -> dict:

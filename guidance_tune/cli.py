@@ -1,7 +1,8 @@
 """``guidance-tune``: the command line. Thin wiring around ``train``, ``layers`` and ``tracking``.
 
-Bad input (a config, a model name, a layer that does not exist) prints one message naming the
-field and the fix and exits with code 2, before anything is written.
+Bad input (a config, a model name, a layer that does not exist, a path that can't be written,
+a tracking store that doesn't answer) prints one message naming the field and the fix and exits
+with code 2, before anything is written. Anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ def _add_train(commands) -> None:
         "no MLflow logging)",
     )
     parser.add_argument("--experiment", default="guidance-tune", help="MLflow experiment name")
-    parser.add_argument("--checkpoint", type=Path, help="save the latest epoch's state here")
-    parser.add_argument("--resume", type=Path, help="continue from a --checkpoint file")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="keep the latest epoch's state in this directory"
+    )
+    parser.add_argument("--resume", type=Path, help="continue from a --checkpoint directory")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_train)
 
@@ -51,40 +54,43 @@ def _add_layers(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-
+    """Everything the user can get wrong is checked before data loads or a run opens."""
     from guidance_tune.checkpoint import load_checkpoint
-    from guidance_tune.reporting import CheckpointFile, ConsoleReporter, Reporters, print_summary
-    from guidance_tune.train import build_run, fit
+    from guidance_tune.config import require_writable
+    from guidance_tune.outcome import Outcome
+    from guidance_tune.reporting import (
+        CheckpointDirectory,
+        ConsoleReporter,
+        print_summary,
+        train_recorded,
+    )
+    from guidance_tune.tracking import (
+        ROLE_TAG,
+        RunRecord,
+        check_store,
+        ensure_experiment,
+        resolve_tracking_uri,
+    )
+    from guidance_tune.train import build_run
 
     config = load_run_config(args.config, args.overrides)
-    run = build_run(config)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri(tracking_uri) if tracking_uri else None
+    if uri is not None:
+        check_store(uri, create=True)
+    if args.checkpoint:
+        require_writable(args.checkpoint, "--checkpoint")
+    run = build_run(config, load_checkpoint(args.resume) if args.resume else None)
     reporters = [ConsoleReporter(config.train.epochs, enabled=not args.quiet)]
     if args.checkpoint:
-        reporters.append(CheckpointFile(args.checkpoint))
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow_reporter = _start_mlflow(tracking_uri, args.experiment, config) if tracking_uri else None
-    if mlflow_reporter is not None:
-        reporters.append(mlflow_reporter)
-    status = "failed"
-    try:
-        result = fit(run, Reporters(reporters), checkpoint)
-        status = result.status
-    finally:
-        if mlflow_reporter is not None:
-            mlflow_reporter.close(status)
-    print_summary(result, mlflow_reporter.run.run_id if mlflow_reporter else None)
-    return 0 if result.status == "finished" else 1
-
-
-def _start_mlflow(tracking_uri: str, experiment: str, config):
-    from guidance_tune.reporting import MlflowReporter
-    from guidance_tune.tracking import MlflowRun, ensure_experiment, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    run = MlflowRun.create(uri, ensure_experiment(uri, experiment), config.name)
-    run.log_config(config)
-    return MlflowReporter(run)
+        reporters.append(CheckpointDirectory(args.checkpoint))
+    record = None
+    if uri is not None:
+        experiment_id = ensure_experiment(uri, args.experiment)
+        record = RunRecord.start(uri, experiment_id, config.name, {ROLE_TAG: "run"}, config)
+    result = train_recorded(run, record, reporters)
+    print_summary(result, record.run_id if record else None)
+    return 0 if result.status == Outcome.FINISHED else 1
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -113,12 +119,9 @@ def _layers(args: argparse.Namespace) -> int:
         names[role] = [layer.name for layer in layers]
     if args.guide is None:
         return 0
-    try:
-        pairs = build_pairs(
-            names["target"], names["guide"], mapping=args.mapping, guide_subset=args.guide_layers
-        )
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    pairs = build_pairs(
+        names["target"], names["guide"], mapping=args.mapping, guide_subset=args.guide_layers
+    )
     print(f"{args.mapping} mapping: {len(pairs)} pairs (target <- guide)")
     for target_name, guide_name in pairs:
         t, g = names["target"].index(target_name), names["guide"].index(guide_name)

@@ -4,6 +4,7 @@ MLflow, and a standalone rerun of any trial from its run id."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 RERUN_KEYS = ("val/loss", "val/top1", "val/top5", "best/loss", "best/top1", "train/loss")
@@ -32,7 +33,7 @@ def add_study_commands(commands) -> None:
     best.add_argument("--top", type=int, default=5)
     best.add_argument("--format", choices=["table", "json", "yaml"], default="table")
     best.add_argument("--metric", default="best/loss")
-    best.add_argument("--mode", choices=["min", "max"], default="min")
+    best.add_argument("--mode", choices=["min", "max"], help="default: the metric's direction")
     best.add_argument("--tracking-uri")
     best.add_argument("--experiment", help="MLflow experiment (default: the study name)")
     best.add_argument("--export", type=Path, help="write the winner's config here (YAML)")
@@ -60,9 +61,9 @@ def add_overrides_option(parser, example: str) -> None:
 
 
 def _load(args):
-    from guidance_tune.config import load_study_config
+    from guidance_tune.study import load_study
 
-    return load_study_config(args.spec, args.overrides)
+    return load_study(args.spec, args.overrides)
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -102,70 +103,70 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
+    from guidance_tune.config import require_writable
+    from guidance_tune.metrics import direction
     from guidance_tune.results import (
         export_config,
         find_study,
         format_rows,
         rank_trials,
+        trial_rows,
         varying_params,
     )
-    from guidance_tune.tracking import resolve_tracking_uri
+    from guidance_tune.tracking import check_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_store(uri, create=False)
+    if args.export:
+        require_writable(args.export, "--export")
     _, children = find_study(uri, args.name, args.experiment)
-    rows = rank_trials(children, args.metric, args.mode, top=None)
+    mode = args.mode or direction(args.metric)
+    rows = rank_trials(trial_rows(children, args.metric), mode, top=None)
     params = varying_params(rows)
     print(format_rows(rows[: args.top], params, args.metric, args.format))
     if args.export and rows:
         path = export_config(uri, rows[0].run_id, args.export)
-        print(f"winner's config written to {path}")
+        # stderr: stdout stays the table, or JSON/YAML a script can parse
+        print(f"winner's config written to {path}", file=sys.stderr)
     return 0
 
 
 def _rerun(args: argparse.Namespace) -> int:
-    from guidance_tune.config import config_to_dict, parse_run_config, set_fields
-    from guidance_tune.reporting import (
-        ConsoleReporter,
-        MlflowReporter,
-        Reporters,
-        print_summary,
-    )
-    from guidance_tune.results import compare_runs, final_metrics
+    from guidance_tune.config import config_to_dict, parse_run_config, set_fields, user_code
+    from guidance_tune.outcome import Outcome
+    from guidance_tune.reporting import ConsoleReporter, print_summary, train_recorded
+    from guidance_tune.results import compare_runs
     from guidance_tune.tracking import (
-        MlflowRun,
+        RERUN_OF_TAG,
+        ROLE_TAG,
+        RunRecord,
+        check_store,
         load_run_config_from_mlflow,
         resolve_tracking_uri,
     )
-    from guidance_tune.train import build_run, fit
+    from guidance_tune.train import build_run
 
     uri = resolve_tracking_uri(args.tracking_uri)
+    check_store(uri, create=False)
     config = load_run_config_from_mlflow(uri, args.run_id)
-    original_final = final_metrics(uri, args.run_id)
+    original = RunRecord(uri, args.run_id).info()
+    original_final = dict(original.data.metrics)
     changes = {"train.epochs": args.epochs, "train.seed": args.seed}
     if args.epochs is None and "epoch" in original_final:
         # a trial stopped early by the scheduler is reproduced up to where it stopped
         changes["train.stop_after_epochs"] = int(original_final["epoch"]) + 1
     changes = {key: value for key, value in changes.items() if value is not None}
     config = parse_run_config(set_fields(config_to_dict(config), changes), source="rerun")
-    original = MlflowRun(uri, args.run_id).client.get_run(args.run_id)
+    for name in user_code(config):
+        print(f"this config imports and runs user code: {name}", file=sys.stderr)
     if threads := original.data.tags.get("torch.num_threads"):
         import torch
 
         torch.set_num_threads(int(threads))  # CPU sums depend on it: match the original
     run = build_run(config)
-    experiment_id = original.info.experiment_id
-    tags = {"rerun_of": args.run_id, "guidance_tune.role": "rerun"}
-    mlflow_run = MlflowRun.create(uri, experiment_id, f"rerun-{config.name}", tags=tags)
-    mlflow_run.log_config(config)
-    reporter = MlflowReporter(mlflow_run)
-    status = "failed"
-    try:
-        result = fit(
-            run, Reporters([ConsoleReporter(config.train.epochs, not args.quiet), reporter])
-        )
-        status = result.status
-    finally:
-        reporter.close(status)
-    print_summary(result, mlflow_run.run_id)
+    tags = {RERUN_OF_TAG: args.run_id, ROLE_TAG: "rerun"}
+    record = RunRecord.start(uri, original.info.experiment_id, f"rerun-{config.name}", tags, config)
+    result = train_recorded(run, record, [ConsoleReporter(config.train.epochs, not args.quiet)])
+    print_summary(result, record.run_id)
     print(compare_runs(original_final, result.final, RERUN_KEYS))
-    return 0 if result.status == "finished" else 1
+    return 0 if result.status == Outcome.FINISHED else 1

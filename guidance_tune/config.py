@@ -3,11 +3,18 @@
 Configs enter from YAML files, CLI ``--set key=value`` overrides and MLflow ``config.json``
 artifacts; all three go through :func:`load_run_config` / :func:`parse_run_config`, which
 reject unknown keys and name the offending field. Inside the package the types are trusted.
+Relative paths are made absolute where a file enters (:func:`resolve_paths`): trials run in
+Ray's per-trial working directories, where a relative path would point elsewhere.
+
+A config is code: a model name ``package.module:factory`` imports that module and calls the
+factory, so run configs (and the ``config.json`` of an MLflow run that ``rerun`` replays) are
+trusted input, like a Python script. Checkpoints, by contrast, hold tensors only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +27,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from guidance_tune.metrics import REPORTED_METRICS, direction, selection_metric
 
 
 class ConfigError(ValueError):
@@ -46,12 +55,21 @@ class ModelConfig(_Strict):
     )
 
 
+# Where a dataset is read from when data.root is not set.
+DEFAULT_DATA_ROOTS = {
+    "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "cifar10": Path("data"),
+    "cifar100": Path("data"),
+}
+
+
 class DataConfig(_Strict):
     name: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = (
         "synthetic"
     )
     root: Path | None = Field(
-        default=None, description="dataset directory; None uses the dataset's usual place"
+        default=None,
+        description="dataset directory; unset: the dataset's usual place (DEFAULT_DATA_ROOTS)",
     )
     download: bool = Field(default=False, description="allow torchvision to download CIFAR")
     n_train: int | None = Field(
@@ -72,6 +90,14 @@ class DataConfig(_Strict):
     synthetic_classes: int = Field(default=10, ge=2, description="synthetic: number of patterns")
     synthetic_size: int = Field(default=32, ge=12, description="synthetic: canvas side in pixels")
     num_workers: int = Field(default=4, ge=0, description="imagefolder only: loader processes")
+
+    @model_validator(mode="after")
+    def _usual_root(self) -> DataConfig:
+        """The default root is written into the config, so that it can be made absolute where
+        the config enters and a rerun reads the same files."""
+        if self.root is None and self.name in DEFAULT_DATA_ROOTS:
+            self.root = DEFAULT_DATA_ROOTS[self.name]
+        return self
 
 
 class GuidanceConfig(_Strict):
@@ -161,7 +187,18 @@ class TrainConfig(_Strict):
         default="bf16", description="bf16 autocast on CUDA; CPU runs always use fp32"
     )
     nonfinite_check_steps: int = Field(
-        default=50, ge=1, description="steps between checks for a non-finite loss (a host sync)"
+        default=50, ge=1, description="steps between checks for a diverged loss (a host sync)"
+    )
+    divergence_factor: float | None = Field(
+        default=1e6,
+        gt=1,
+        description="the run has diverged when its training loss exceeds this multiple of its "
+        "first step's loss (a non-finite loss always is); null: only non-finite",
+    )
+    select_metric: Literal["val/loss", "val/top1", "val/top5"] = Field(
+        default="val/loss",
+        description="the validation metric whose best epoch is the run's best (its weights are "
+        "kept as checkpoints/best.pt); a study sets it from study.metric",
     )
 
 
@@ -214,23 +251,6 @@ class ResourcesConfig(_Strict):
     )
 
 
-# What every epoch of `train` reports (per-pair similarities come on top as train/<metric>/...).
-REPORTED_METRICS = (
-    "best/loss",
-    "best/top1",
-    "best/top5",
-    "val/loss",
-    "val/top1",
-    "val/top5",
-    "train/loss",
-    "train/task_loss",
-    "train/guidance_loss",
-    "epoch_seconds",
-    "samples_per_second",
-    "peak_memory_gib",
-)
-
-
 class StudySettings(_Strict):
     """How a study searches: the ``study:`` section of a study file."""
 
@@ -240,7 +260,9 @@ class StudySettings(_Strict):
     )
     num_trials: int = Field(default=8, ge=1)
     metric: str = Field(default="best/loss", description="reported metric the search optimises")
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="min or max; unset: the metric's own direction"
+    )
     startup_trials: int | None = Field(
         default=None, ge=1, description="random trials before TPE; None: a third of num_trials"
     )
@@ -270,12 +292,32 @@ class StudySettings(_Strict):
             )
         return metric
 
+    @model_validator(mode="after")
+    def _mode_follows_metric(self) -> StudySettings:
+        natural = direction(self.metric)
+        if self.mode is None:
+            self.mode = natural
+        elif self.mode != natural:
+            raise ValueError(
+                f"study.mode is {self.mode} but {self.metric} is better when "
+                f"{'lower' if natural == 'min' else 'higher'}: set study.mode to {natural} or "
+                "leave it out"
+            )
+        return self
+
 
 class StudyConfig(_Strict):
     """A study file: the base run every trial starts from, and how to search around it."""
 
     base: RunConfig
     study: StudySettings
+
+    @model_validator(mode="after")
+    def _best_epoch_follows_metric(self) -> StudyConfig:
+        """A trial's kept checkpoint must be the epoch its study metric ranks it by."""
+        if (selected := selection_metric(self.study.metric)) is not None:
+            self.base.train.select_metric = selected
+        return self
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -302,6 +344,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file: give a YAML config") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
@@ -339,11 +383,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return set_fields(data, values)
 
 
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """The same config with every file path absolute, relative to the working directory."""
+    changes: dict[str, Any] = {}
+    if config.data.root is not None:
+        changes["data"] = config.data.model_copy(update={"root": config.data.root.resolve()})
+    for role in ("target", "guide"):
+        model = getattr(config, role)
+        if model is not None and model.weights is not None:
+            changes[role] = model.model_copy(update={"weights": model.weights.resolve()})
+    return config.model_copy(update=changes)
+
+
+def user_code(config: RunConfig) -> list[str]:
+    """The ``package.module:factory`` models the config will import and call (a config is code)."""
+    models = {"target": config.target, "guide": config.guide}
+    return [
+        f"{role}.name={m.name}" for role, m in models.items() if m is not None and ":" in m.name
+    ]
+
+
+def require_writable(path: Path, option: str) -> None:
+    """Refuse now, not after an epoch of training, a path the command will write to."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    usable = existing.is_dir() or existing == path
+    if not usable or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable; choose another path")
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A run config; a study file's ``study:`` section is set aside, its base run kept."""
     data = apply_overrides(read_yaml(path), overrides or [])
     data.pop("study", None)
-    return parse_run_config(data, source=str(path))
+    return resolve_paths(parse_run_config(data, source=str(path)))
 
 
 def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConfig:
@@ -363,7 +437,8 @@ def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConf
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """A study file: run sections at the top level (as for ``train``) plus ``study:``."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    return parse_study_config(data, source=str(path))
+    spec = parse_study_config(data, source=str(path))
+    return spec.model_copy(update={"base": resolve_paths(spec.base)})
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

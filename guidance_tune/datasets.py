@@ -21,8 +21,6 @@ from torch import Tensor
 
 from guidance_tune.config import ConfigError, DataConfig
 
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-CIFAR_ROOT = Path("data")
 STAMP_SIZE = 5
 
 
@@ -106,7 +104,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 @register_reader("fashion_mnist")
 def read_fashion_mnist(config: DataConfig) -> RawData:
-    root = config.root or FASHION_MNIST_ROOT
+    root = config.root  # set by DataConfig: DEFAULT_DATA_ROOTS
     splits = []
     for prefix in ("train", "t10k"):
         files = [root / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
@@ -157,7 +155,7 @@ def _read_cifar(config: DataConfig) -> RawData:
     """The pickle batches are read directly rather than through torchvision's dataset class,
     whose md5 check rejects any other copy of the files; torchvision is used to download."""
     layout = _cifar_layouts()[config.name]
-    root = config.root or CIFAR_ROOT
+    root = config.root  # set by DataConfig: DEFAULT_DATA_ROOTS
     folder = root / layout.folder
     paths = [folder / name for name in (*layout.train_files, layout.test_file)]
     if not all(path.is_file() for path in paths):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidance_tune.alignment import get_metric, gram, paired_similarities
-from guidance_tune.config import GuidanceConfig
+from guidance_tune.config import ConfigError, GuidanceConfig
 from guidance_tune.layers import LayerCapture, build_pairs, discover_layers
 
 
@@ -300,5 +300,19 @@ def build_guide_term(
     if config.kind == "none":
         config = config.model_copy(update={"kind": "alignment", "guided_steps": 0})
     if config.kind == "distillation":
+        _check_logit_shapes(target, guide, sample_input)
         return LogitDistillation(guide, config)
     return Guidance(target, guide, sample_input, config)
+
+
+def _check_logit_shapes(target: nn.Module, guide: nn.Module, sample_input: Tensor) -> None:
+    """Distillation compares logits; a guide built for another class count is the config's
+    mistake, so say so before training starts rather than at its first step."""
+    with _eval_mode(target, guide), torch.no_grad():
+        target_shape, guide_shape = target(sample_input).shape, guide(sample_input).shape
+    if target_shape != guide_shape:
+        raise ConfigError(
+            f"guidance.kind distillation needs guide logits shaped like the target's: guide "
+            f"gives {tuple(guide_shape)}, target {tuple(target_shape)}; build the guide with the "
+            "dataset's class count (drop num_classes from guide.kwargs)"
+        )

@@ -5,6 +5,8 @@ mapping and check it against the model. A module run more than once per forward 
 gets ``path#k`` for its k-th extra call. Hooked types, execution order, the dropped logits
 record and the even spread of guide layers over target layers follow the authors' code
 (guidance-method.md A.2, A.3); the batch axis is found from the modules, not guessed from sizes.
+A name, subset or mapping that does not fit the models is the user's to fix (ConfigError); a
+model whose forward fails during discovery is not, and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from guidance_tune.config import ConfigError
 
 HOOKABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.Conv1d,
@@ -153,7 +157,7 @@ def _split_name(name: str, modules: dict[str, nn.Module]) -> tuple[str, int]:
     ok = path in modules and path != "" and (not hash_sign or (call.isdigit() and int(call) >= 1))
     if not ok:
         valid = [p for p, m in modules.items() if isinstance(m, HOOKABLE_TYPES)]
-        raise ValueError(
+        raise ConfigError(
             f"unknown layer {name!r}; nearest valid names: {_close_names(name, valid)}. Names are "
             "module paths as in print(model), with '#k' (k >= 1) for the k-th extra call of a "
             "reused module; discover_layers(model, sample_input) lists them."
@@ -233,7 +237,7 @@ def spread_pairs(n_guide: int, n_target: int, *, overwrite: bool) -> list[tuple[
     index is reproduced: the deepest guide layer landing on a target index wins.
     """
     if n_guide < 1 or n_target < 1:
-        raise ValueError(
+        raise ConfigError(
             f"cannot spread {n_guide} guide layers over {n_target} target layers; both networks "
             "need at least one hooked layer besides the logits layer"
         )
@@ -250,7 +254,7 @@ def _parse_list(names: list[str], spec: str) -> list[str]:
     for item in (part.strip() for part in spec.split(",")):
         if re.fullmatch(r"-?\d+", item):
             if not -n <= int(item) < n:
-                raise ValueError(
+                raise ConfigError(
                     f"layer spec {spec!r}: index {item} is out of range; {n} layers exist "
                     f"(indices 0..{n - 1}, or negative from the end)"
                 )
@@ -258,7 +262,7 @@ def _parse_list(names: list[str], spec: str) -> list[str]:
         elif item in index_of:
             picked.add(index_of[item])
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"layer spec {spec!r}: {item!r} is neither a known spec nor one of the {n} "
                 f"layers (nearest: {_close_names(item, names)}). Valid specs: {SPEC_HELP}"
             )
@@ -278,12 +282,12 @@ def _parse_spec(names: list[str], spec: str) -> list[str]:
         return names[_HALVES[spec](n)]
     if every := re.fullmatch(r"every_(\d+)", spec):
         if int(every[1]) < 1:
-            raise ValueError(f"layer spec {spec!r}: K in every_K must be >= 1")
+            raise ConfigError(f"layer spec {spec!r}: K in every_K must be >= 1")
         return names[:: int(every[1])]
     if span := re.fullmatch(r"range_(\d+)_(\d+)", spec):
         start, stop = int(span[1]), int(span[2])
         if not 0 <= start < stop <= n:
-            raise ValueError(
+            raise ConfigError(
                 f"layer spec {spec!r}: need 0 <= A < B <= {n} in range_A_B; {n} layers exist"
             )
         return names[start:stop]
@@ -301,7 +305,7 @@ def select_layers(names: Sequence[str], spec: str) -> list[str]:
     names = list(names)
     picked = _parse_spec(names, spec.strip())
     if not picked:
-        raise ValueError(
+        raise ConfigError(
             f"layer spec {spec!r} selects no layers; {len(names)} layers exist. Valid specs: "
             f"{SPEC_HELP}"
         )
@@ -312,14 +316,14 @@ def _check_explicit(
     pair: tuple[str, str], target_layers: Sequence[str], guide_layers: Sequence[str]
 ) -> tuple[str, str]:
     if len(pair) != 2:
-        raise ValueError(f"explicit pair {pair!r} must be (target_layer, guide_layer)")
+        raise ConfigError(f"explicit pair {pair!r} must be (target_layer, guide_layer)")
     for role, name, layers, other in (
         ("target", pair[0], target_layers, guide_layers),
         ("guide", pair[1], guide_layers, target_layers),
     ):
         if name not in layers:
             swapped = " (that is a layer of the other network: pairs are (target, guide))"
-            raise ValueError(
+            raise ConfigError(
                 f"explicit pair {tuple(pair)!r}: {role} layer {name!r} not found"
                 f"{swapped if name in other else ''}; close {role} layers: "
                 f"{_close_names(name, list(layers))}"
@@ -343,13 +347,13 @@ def build_pairs(
     """
     if mapping == "explicit":
         if not explicit:
-            raise ValueError("mapping 'explicit' needs at least one (target, guide) layer pair")
+            raise ConfigError("mapping 'explicit' needs at least one (target, guide) layer pair")
         return [_check_explicit(pair, target_layers, guide_layers) for pair in explicit]
     if mapping not in MAPPINGS:
-        raise ValueError(f"unknown layer mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
+        raise ConfigError(f"unknown layer mapping {mapping!r}; choose one of {', '.join(MAPPINGS)}")
     try:
         guide = select_layers(guide_layers, guide_subset)
-    except ValueError as error:
-        raise ValueError(f"guide_subset: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"guide_subset: {error}") from None
     spread = spread_pairs(len(guide), len(target_layers), overwrite=mapping == "authors")
     return [(target_layers[t], guide[g]) for t, g in spread]

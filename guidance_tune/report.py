@@ -1,7 +1,9 @@
 """The study report logged on the parent run: what a reader opens first in the MLflow UI.
 
 ``report/val_curves.png`` answers "does guidance help?" (best guided vs best unguided trial);
-``report/trials.csv`` and ``report/trials.md`` list every trial, failed ones included.
+``report/trials.csv`` and ``report/trials.md`` list every trial, failed ones included. Pure
+functions of the trial rows and their curves: reading MLflow is ``results``' job, writing it
+``tracking``'s.
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from guidance_tune.metrics import Mode
 from guidance_tune.results import (
+    Curve,
     TrialRow,
     format_value,
     rank_trials,
-    trial_row,
     varying_params,
 )
-from guidance_tune.tracking import mlflow_client
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from mlflow.entities import Run
 
 CURVES_ARTIFACT = "report/val_curves.png"
 CSV_ARTIFACT = "report/trials.csv"
@@ -33,22 +34,18 @@ GUIDED_KINDS = ("alignment", "distillation")
 
 
 def study_report(
-    tracking_uri: str,
-    parent_run_id: str,
-    children: list[Run],
-    metric: str = "best/loss",
-    mode: str = "min",
-) -> list[str]:
-    """Log the curves and the trial table on the parent run; returns the artifact paths."""
-    client = mlflow_client(tracking_uri)
-    ranked = rank_trials(children, metric, mode, top=None)
-    figure = curves_figure(client, best_arms(ranked), metric)
-    client.log_figure(parent_run_id, figure, CURVES_ARTIFACT)
-    rows = all_trials(children, ranked, metric)
-    params = varying_params(rows)
-    client.log_text(parent_run_id, csv_table(rows, params, metric), CSV_ARTIFACT)
-    client.log_text(parent_run_id, markdown_table(rows, params, metric), MARKDOWN_ARTIFACT)
-    return [CURVES_ARTIFACT, CSV_ARTIFACT, MARKDOWN_ARTIFACT]
+    rows: list[TrialRow], curves: dict[str, Curve], metric: str, mode: Mode
+) -> dict[str, Figure | str]:
+    """Artifact path -> figure or text. ``curves`` holds the CURVE_METRIC of (at least) the
+    trials :func:`best_arms` picks, by run id."""
+    ranked = rank_trials(rows, mode, top=None)
+    listed = all_trials(rows, ranked)
+    params = varying_params(listed)
+    return {
+        CURVES_ARTIFACT: curves_figure(best_arms(ranked), curves, metric),
+        CSV_ARTIFACT: csv_table(listed, params, metric),
+        MARKDOWN_ARTIFACT: markdown_table(listed, params, metric),
+    }
 
 
 def best_arms(ranked: list[TrialRow]) -> dict[str, TrialRow]:
@@ -62,22 +59,14 @@ def best_arms(ranked: list[TrialRow]) -> dict[str, TrialRow]:
     return arms
 
 
-def all_trials(children: list[Run], ranked: list[TrialRow], metric: str) -> list[TrialRow]:
+def all_trials(rows: list[TrialRow], ranked: list[TrialRow]) -> list[TrialRow]:
     """Ranked trials first, then those that never reported the metric (failed early)."""
     ranked_ids = {row.run_id for row in ranked}
-    unranked = [trial_row(run, metric) for run in children if run.info.run_id not in ranked_ids]
+    unranked = [row for row in rows if row.run_id not in ranked_ids]
     return ranked + sorted(unranked, key=lambda row: (row.name, row.run_id))
 
 
-def val_curve(client, run_id: str) -> tuple[list[int], list[float]]:
-    """Epochs and values of the run's validation loss; a retried epoch keeps its last value."""
-    history = sorted(client.get_metric_history(run_id, CURVE_METRIC), key=lambda m: m.timestamp)
-    by_epoch = {m.step: m.value for m in history}
-    epochs = sorted(by_epoch)
-    return epochs, [by_epoch[epoch] for epoch in epochs]
-
-
-def curves_figure(client, arms: dict[str, TrialRow], metric: str) -> Figure:
+def curves_figure(arms: dict[str, TrialRow], curves: dict[str, Curve], metric: str) -> Figure:
     """A bare ``Figure`` (no pyplot): renders with Agg and leaves the caller's backend alone."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -86,7 +75,7 @@ def curves_figure(client, arms: dict[str, TrialRow], metric: str) -> Figure:
     axes = figure.add_subplot()
     for arm in ("guided", "unguided"):
         if (row := arms.get(arm)) is not None:
-            epochs, values = val_curve(client, row.run_id)
+            epochs, values = curves[row.run_id]
             label = f"best {arm}: {row.name} ({metric} {row.value:.4f})"
             axes.plot(epochs, values, marker="o", label=label)
     missing = [arm for arm in ("guided", "unguided") if arm not in arms]

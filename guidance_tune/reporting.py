@@ -1,6 +1,8 @@
-"""Reporters that ``train`` calls: the console, a checkpoint file, an MLflow run, and fan-out.
+"""Reporters that ``train`` calls (the console, a checkpoint directory, an MLflow run, the best
+weights) and :func:`train_recorded`, the one train -> record -> close sequence of a run that
+ends in its own process (``train`` and ``rerun``; a Tune trial's run is closed by the driver).
 
-None of them imports Ray; the MLflow one goes through ``tracking.MlflowRun``.
+None of them imports Ray; MLflow is reached through ``tracking.RunRecord`` only.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from guidance_tune.checkpoint import save_checkpoint
-from guidance_tune.tracking import MlflowRun
-from guidance_tune.train import Checkpoint, Reporter, TrainResult
+from guidance_tune.checkpoint import Checkpoint, save_checkpoint, save_file, weights_of
+from guidance_tune.outcome import Outcome
+from guidance_tune.tracking import RunRecord
+from guidance_tune.train import Reporter, Run, TrainResult, fit
 
 HEADLINE = ("train/loss", "train/guidance_loss", "val/loss", "val/top1", "best/top1")
 
@@ -33,14 +36,36 @@ class Reporters(Reporter):
             reporter.epoch(metrics, checkpoint)
 
 
-class CheckpointFile(Reporter):
-    """Keeps the latest epoch's full state in one file, for ``train --resume``."""
+class CheckpointDirectory(Reporter):
+    """Keeps the latest epoch's full state in one directory, for ``train --resume``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
+        save_checkpoint(checkpoint(), self.directory)
+
+
+class EpochLog(Reporter):
+    """Every epoch's metrics to the run's MLflow record."""
+
+    def __init__(self, record: RunRecord) -> None:
+        self.record = record
+
+    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
+        self.record.log_epoch(metrics)
+
+
+class BestWeights(Reporter):
+    """The best epoch's weights (``train`` marks it ``improved``) in a local file, written when
+    the epoch is made, for the record to upload once when the run closes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
-        save_checkpoint(checkpoint(), self.path)
+        if metrics["improved"]:
+            save_file(weights_of(checkpoint()), self.path)
 
 
 def format_metrics(metrics: dict[str, float], keys: Sequence[str] = HEADLINE) -> str:
@@ -69,8 +94,30 @@ class ConsoleReporter(Reporter):
         line = f"epoch {int(metrics['epoch']) + 1}/{self.epochs}  {format_metrics(metrics)}"
         line += f"  ({metrics['epoch_seconds']:.1f} s)"
         if metrics.get("diverged"):
-            line += "  DIVERGED: non-finite loss, run stopped"
+            line += "  DIVERGED: the loss went non-finite or blew up, run stopped"
         tqdm.write(line)
+
+
+def train_recorded(
+    run: Run, record: RunRecord | None, reporters: Sequence[Reporter] = ()
+) -> TrainResult:
+    """``fit`` with every epoch recorded and the run closed however it ends: finished or
+    diverged, failed with the error, or killed by Ctrl-C; the best weights land first."""
+    if record is None:
+        return fit(run, Reporters(reporters))
+    with tempfile.TemporaryDirectory(prefix="guidance-tune-") as scratch:
+        best = Path(scratch) / "best.pt"
+        recording = Reporters([*reporters, EpochLog(record), BestWeights(best)])
+        try:
+            result = fit(run, recording)
+        except KeyboardInterrupt:
+            record.close(Outcome.KILLED, best_weights=best, error="interrupted (Ctrl-C)")
+            raise
+        except BaseException as error:
+            record.close(Outcome.FAILED, best_weights=best, error=repr(error))
+            raise
+        record.close(result.status, best_weights=best)
+    return result
 
 
 def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
@@ -81,50 +128,3 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
         print("best: ", format_metrics(final, ("best/loss", "best/top1", "best/top5")))
     if mlflow_run_id:
         print(f"mlflow run: {mlflow_run_id}")
-
-
-BEST_CHECKPOINT_ARTIFACT = "checkpoints"
-
-
-def status_tags(status: str, error: str | None = None) -> dict[str, str]:
-    """The tags that say how a run ended, wherever its end is recorded."""
-    tags = {"status": status}
-    if status == "stopped":
-        tags["stopped_by_tune"] = "true"
-    if error is not None:
-        tags["error"] = error[:5000]
-    return tags
-
-
-class MlflowReporter(Reporter):
-    """Logs every epoch; keeps the best epoch's checkpoint and uploads it when the run ends."""
-
-    def __init__(self, run: MlflowRun, rank_metric: str = "val/loss", mode: str = "min") -> None:
-        self.run = run
-        self.rank_metric = rank_metric
-        self.sign = 1.0 if mode == "min" else -1.0
-        self.best_value: float | None = None
-        self._dir = tempfile.TemporaryDirectory(prefix="guidance-tune-")
-        self.best_path = Path(self._dir.name) / "best.pt"
-
-    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
-        self.run.log_metrics(metrics, step=int(metrics["epoch"]))
-        value = metrics.get(self.rank_metric)
-        if value is None or value != value:
-            return
-        if self.best_value is None or self.sign * value < self.sign * self.best_value:
-            self.best_value = value
-            save_checkpoint(checkpoint(), self.best_path)
-
-    def close(self, status: str, error: str | None = None) -> None:
-        """Set the final status and tags, upload the best checkpoint, drop the temp dir.
-
-        ``status`` is finished, diverged, stopped (ended early by a scheduler) or failed; only
-        failed makes the MLflow run FAILED, and ``error`` is kept as a tag. The tags go first:
-        a trial Tune stops can be cut off while it closes, and they are what tells why it ended.
-        """
-        self.run.set_tags(status_tags(status, error))
-        if self.best_path.exists():
-            self.run.log_artifact(self.best_path, BEST_CHECKPOINT_ARTIFACT)
-        self.run.finish("FAILED" if status == "failed" else "FINISHED")
-        self._dir.cleanup()

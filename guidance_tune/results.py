@@ -16,12 +16,21 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from guidance_tune.config import ConfigError, config_to_dict
-from guidance_tune.tracking import load_run_config_from_mlflow, mlflow_client
+from guidance_tune.metrics import Mode, best_first
+from guidance_tune.tracking import (
+    PARENT_TAG,
+    ROLE_TAG,
+    STATUS_TAG,
+    STUDY_TAG,
+    load_run_config_from_mlflow,
+    mlflow_client,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
-ROLE_TAG = "guidance_tune.role"
+
+Curve = tuple[list[int], list[float]]  # epochs, values
 
 
 @dataclass
@@ -81,47 +90,51 @@ def find_study(
     """
     client = mlflow_client(tracking_uri)
     candidates = _study_runs(client, experiment or study)
-    parents = [run for run in candidates if run.data.tags.get("study") == study]
+    parents = [run for run in candidates if run.data.tags.get(STUDY_TAG) == study]
     if not parents:
-        known = sorted({run.data.tags["study"] for run in candidates if "study" in run.data.tags})
+        known = sorted(
+            {run.data.tags[STUDY_TAG] for run in candidates if STUDY_TAG in run.data.tags}
+        )
         raise ConfigError(
             f"no study {study!r} in MLflow at {tracking_uri}; "
             f"studies there: {', '.join(known) if known else 'none'}"
         )
     parent = parents[0]
-    children = _search_runs(
-        client,
-        [parent.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-    )
-    return parent, children
+    return parent, study_children(tracking_uri, parent.info.experiment_id, parent.info.run_id)
+
+
+def study_children(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list[Run]:
+    """Every trial run of one parent (all pages)."""
+    client = mlflow_client(tracking_uri)
+    return _search_runs(client, [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
 def trial_row(run: Run, metric: str) -> TrialRow:
-    """The trial's status is our tag (finished, diverged, stopped, failed), MLflow's otherwise."""
+    """The trial's status is our tag (an Outcome); while it runs, MLflow's."""
     tags = run.data.tags
     return TrialRow(
         run_id=run.info.run_id,
         name=run.info.run_name or tags.get("mlflow.runName", ""),
-        status=tags.get("status", run.info.status.lower()),
+        status=tags.get(STATUS_TAG, run.info.status.lower()),
         value=run.data.metrics.get(metric, math.nan),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
     )
 
 
-def rank_trials(
-    children: list[Run], metric: str = "best/loss", mode: str = "min", top: int | None = 5
-) -> list[TrialRow]:
-    """Trials that reported ``metric``, best first; trials that never did are left out.
+def trial_rows(children: list[Run], metric: str) -> list[TrialRow]:
+    """The runs read once into rows; everything after this is plain functions over rows."""
+    return [trial_row(run, metric) for run in children]
 
-    Pass a best-so-far metric: its latest value is the trial's best epoch.
+
+def rank_trials(rows: list[TrialRow], mode: Mode, top: int | None = 5) -> list[TrialRow]:
+    """Rows that reported their metric, best first; trials that never did are left out.
+
+    Rank by a best-so-far metric: its latest value is the trial's best epoch.
     """
-    sign = 1.0 if mode == "min" else -1.0
-    rows = [trial_row(run, metric) for run in children]
-    rows = [row for row in rows if not math.isnan(row.value)]
-    rows.sort(key=lambda row: (sign * row.value, row.name, row.run_id))
-    return rows if top is None else rows[:top]
+    ranked = [row for row in rows if not math.isnan(row.value)]
+    ranked.sort(key=lambda row: (best_first(row.value, mode), row.name, row.run_id))
+    return ranked if top is None else ranked[:top]
 
 
 def varying_params(rows: list[TrialRow]) -> list[str]:
@@ -215,6 +228,9 @@ def _difference(before: float, after: float) -> str:
     return f"{after - before:+.3g}"  # 3 significant digits: a 1e-7 drift stays visible
 
 
-def final_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
-    """A run's latest value of every metric (the last logged epoch)."""
-    return dict(mlflow_client(tracking_uri).get_run(run_id).data.metrics)
+def metric_curve(tracking_uri: str, run_id: str, key: str) -> Curve:
+    """A metric's value per epoch; an epoch logged twice (a retried trial) keeps its last value."""
+    history = mlflow_client(tracking_uri).get_metric_history(run_id, key)
+    by_epoch = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    epochs = sorted(by_epoch)
+    return epochs, [by_epoch[epoch] for epoch in epochs]

@@ -1,7 +1,8 @@
 """Ray Tune + Optuna: launch a study locally or on a cluster, resume it, summarise it in MLflow.
 
-The order matters: everything that can be refused (the study file, the search space, GPUs the
-cluster lacks) is checked before the MLflow parent run exists, so bad input writes nothing.
+The order matters: everything that can be refused (the study file, the search space, the
+tracking store, the storage path, GPUs the cluster lacks) is checked before the MLflow parent
+run exists, and all but the cluster before Ray starts, so bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import ConfigError, StudyConfig, config_to_dict, set_fields
+from guidance_tune.config import (
+    ConfigError,
+    StudyConfig,
+    config_to_dict,
+    load_study_config,
+    require_writable,
+    set_fields,
+)
+from guidance_tune.outcome import Outcome
 from guidance_tune.tracking import (
-    MlflowRun,
+    EXPERIMENT_DIR_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    RunRecord,
+    check_store,
     ensure_experiment,
     git_commit,
-    mlflow_client,
+    open_child_runs,
     resolve_tracking_uri,
 )
 from guidance_tune.trial import TrialTracking, run_trial, trial_config
@@ -33,6 +46,16 @@ class StudyResult:
     num_trials: int
     num_errors: int
     interrupted: bool
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """A study file as it enters: validated, its paths (and its space's path options) absolute."""
+    from search_spaces import get_space
+
+    spec = load_study_config(path, overrides)
+    options = get_space(spec.study.space).resolve_paths(spec.study.space_options)
+    study = spec.study.model_copy(update={"space_options": options})
+    return spec.model_copy(update={"study": study})
 
 
 def smoke(spec: StudyConfig) -> StudyConfig:
@@ -63,11 +86,12 @@ def check_space(spec: StudyConfig) -> dict[str, Any]:
     space = get_space(spec.study.space)
     base = config_to_dict(spec.base)
     options = spec.study.space_options
+    space.check_options(options)
     try:
         baseline = space.baseline(base=base, **options)
         trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
         constants = space.sample(trial, base=base, **options) or {}
-    except (TypeError, ValueError) as error:
+    except ConfigError as error:
         raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
     for params in (baseline, {**trial.params, **constants}):
         trial_config(base, params)
@@ -144,28 +168,16 @@ def storage_dir(spec: StudyConfig) -> str:
 
 def _parent_run(
     spec: StudyConfig, tracking_uri: str, experiment_id: str, experiment_dir: str, resume: bool
-) -> str:
-    """The study's MLflow parent run; --resume finds and reuses the one for these results."""
-    tags = {
-        "study": spec.base.name,
-        "guidance_tune.role": "study",
-        "ray.experiment_dir": experiment_dir,
-    }
-    if resume:
-        existing = mlflow_client(tracking_uri).search_runs(
-            [experiment_id],
-            filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if existing:
-            run_id = existing[0].info.run_id
-            mlflow_client(tracking_uri).update_run(run_id, status="RUNNING")
-            return run_id
-    run = MlflowRun.create(tracking_uri, experiment_id, spec.base.name, tags=tags)
-    run.client.log_dict(run.run_id, config_to_dict(spec), "study.json")
-    run.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
-    return run.run_id
+) -> RunRecord:
+    """The study's MLflow parent run; --resume finds and reopens the one for these results."""
+    tags = {STUDY_TAG: spec.base.name, ROLE_TAG: "study", EXPERIMENT_DIR_TAG: experiment_dir}
+    if resume and (found := RunRecord.find(tracking_uri, experiment_id, tags)) is not None:
+        found.reopen()
+        return found
+    parent = RunRecord.start(tracking_uri, experiment_id, spec.base.name, tags)
+    parent.log_dict(config_to_dict(spec), "study.json")
+    parent.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
+    return parent
 
 
 def _versions() -> dict[str, str]:
@@ -204,10 +216,9 @@ def _tuner(spec: StudyConfig, trainable, experiment_dir: str, resume: bool, base
             name=spec.base.name,
             storage_path=storage_dir(spec),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            # the best epoch's checkpoint (see study_callbacks.best_weights) and the latest
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1,
-                checkpoint_score_attribute=settings.metric,
-                checkpoint_score_order=settings.mode,
+                num_to_keep=1, checkpoint_score_attribute="improved", checkpoint_score_order="max"
             ),
             callbacks=callbacks,
             verbose=0,
@@ -225,13 +236,17 @@ def launch(
     """Run the study to the end (or continue it with ``resume``) and summarise it in MLflow."""
     from ray import tune
 
-    from guidance_tune.study_callbacks import ConsoleProgress, MlflowSafetyNet
+    from guidance_tune.study_callbacks import ConsoleProgress, TrialRecords
 
     # tiny epochs snapshot often; Tune's warning about it says nothing a user can act on
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     baseline = check_space(spec)
     uri = resolve_tracking_uri(tracking_uri or spec.study.tracking_uri)
-    experiment_dir = os.path.join(storage_dir(spec), spec.base.name)
+    check_store(uri, create=True)
+    storage = storage_dir(spec)
+    if "://" not in storage:
+        require_writable(Path(storage), "study.storage_path")
+    experiment_dir = os.path.join(storage, spec.base.name)
     restorable = tune.Tuner.can_restore(experiment_dir)
     if resume and not restorable:
         raise ConfigError(f"--resume: no study results to continue in {experiment_dir}")
@@ -243,9 +258,9 @@ def launch(
     connect(address)
     check_resources(spec)
     experiment_id = ensure_experiment(uri, spec.study.experiment or spec.base.name)
-    parent_id = _parent_run(spec, uri, experiment_id, experiment_dir, resume)
+    parent = _parent_run(spec, uri, experiment_id, experiment_dir, resume)
     tracking = TrialTracking(
-        uri, experiment_id, parent_id, spec.base.name, spec.study.metric, spec.study.mode
+        uri, experiment_id, parent.run_id, spec.base.name, spec.study.metric, spec.study.mode
     )
     resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
     base = config_to_dict(spec.base)
@@ -255,55 +270,70 @@ def launch(
     )
     callbacks = [
         ConsoleProgress(spec.study.metric, spec.study.mode),
-        MlflowSafetyNet(tracking, base),
+        TrialRecords(tracking, base),
     ]
-    results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
-    return summarise(spec, tracking, results)
+    try:
+        results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
+    except BaseException as error:
+        outcome = Outcome.KILLED if isinstance(error, KeyboardInterrupt) else Outcome.FAILED
+        _close_open_children(tracking, outcome)
+        parent.close(outcome, error=repr(error))
+        raise
+    return summarise(spec, tracking, parent, results)
 
 
-def summarise(spec: StudyConfig, tracking: TrialTracking, results) -> StudyResult:
-    """Best trial, study metrics and the report on the parent run, which then ends FINISHED; an
-    interrupted study (Ctrl-C) ends KILLED instead, with its running trials, until --resume."""
-    from guidance_tune.report import study_report
-    from guidance_tune.results import find_study, rank_trials, varying_params
+def _close_open_children(tracking: TrialTracking, outcome: Outcome) -> None:
+    """Runs of trials the study left unfinished: killed (resumable) or failed with it."""
+    reason = "the study was interrupted; continue it with `guidance-tune study launch --resume`"
+    for run in open_child_runs(
+        tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id
+    ):
+        RunRecord(tracking.tracking_uri, run.info.run_id).close(outcome, error=reason)
 
-    _, children = find_study(tracking.tracking_uri, spec.base.name, spec.study.experiment)
-    children = [
-        c for c in children if c.data.tags.get("mlflow.parentRunId") == tracking.parent_run_id
-    ]
-    ranked = rank_trials(children, spec.study.metric, spec.study.mode, top=None)
-    parent = MlflowRun(tracking.tracking_uri, tracking.parent_run_id)
+
+def summarise(
+    spec: StudyConfig, tracking: TrialTracking, parent: RunRecord, results
+) -> StudyResult:
+    """Best trial, study metrics and the report on the parent run, which then ends finished; an
+    interrupted study (Ctrl-C) ends killed instead, with its unfinished trials, until --resume."""
+    from guidance_tune.report import CURVE_METRIC, best_arms, study_report
+    from guidance_tune.results import (
+        metric_curve,
+        rank_trials,
+        study_children,
+        trial_rows,
+        varying_params,
+    )
+
+    uri, metric, mode = tracking.tracking_uri, spec.study.metric, spec.study.mode
+    rows = trial_rows(study_children(uri, tracking.experiment_id, parent.run_id), metric)
+    ranked = rank_trials(rows, mode, top=None)
     interrupted = results.num_terminated + results.num_errors < spec.study.num_trials
-    summary = {"num_trials": float(len(children)), "num_errors": float(results.num_errors)}
+    summary = {"num_trials": float(len(results)), "num_errors": float(results.num_errors)}
     if ranked:
-        summary[f"best_{spec.study.metric}"] = ranked[0].value
+        summary[f"best_{metric}"] = ranked[0].value
         parent.set_tags({"best_run_id": ranked[0].run_id})
-    parent.log_metrics(summary, step=0)
+    parent.log_metrics(summary)
     if interrupted:
-        for child in children:
-            if child.info.status == "RUNNING":
-                parent.client.set_terminated(child.info.run_id, "KILLED")
-        parent.set_tags({"status": "interrupted"})
-        parent.finish("KILLED")
+        _close_open_children(tracking, Outcome.KILLED)
+        parent.close(Outcome.KILLED, error="interrupted: continue with --resume")
     else:
-        study_report(
-            tracking.tracking_uri,
-            tracking.parent_run_id,
-            children,
-            spec.study.metric,
-            spec.study.mode,
-        )
-        parent.set_tags({"status": "finished"})
-        parent.finish("FINISHED")
+        curves = {
+            row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC)
+            for row in best_arms(ranked).values()
+        }
+        for path, artifact in study_report(rows, curves, metric, mode).items():
+            (parent.log_text if isinstance(artifact, str) else parent.log_figure)(artifact, path)
+        parent.close(Outcome.FINISHED)
     best = ranked[0] if ranked else None
     return StudyResult(
         name=spec.base.name,
-        parent_run_id=tracking.parent_run_id,
-        tracking_uri=tracking.tracking_uri,
+        parent_run_id=parent.run_id,
+        tracking_uri=uri,
         best_run_id=best.run_id if best else None,
         best_value=best.value if best else None,
         best_params={k: best.params[k] for k in varying_params(ranked)} if best else {},
-        num_trials=len(children),
+        num_trials=len(results),
         num_errors=results.num_errors,
         interrupted=interrupted,
     )

@@ -1,15 +1,33 @@
-"""Driver-side Tune callbacks: a console a user can follow, and an MLflow safety net."""
+"""Driver-side Tune callbacks: a console a user can follow, and the closing of trial runs.
+
+The driver outlives every trial process, so it is the one that closes a trial's MLflow run:
+Tune may tear a trial down mid-call (``SystemExit`` when ASHA stops it), but by the time the
+driver hears that a trial completed or failed, Tune has registered its last checkpoint.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from guidance_tune.reporting import status_tags
-from guidance_tune.tracking import mlflow_client
-from guidance_tune.trial import TrialTracking, end_status_on_exit, trial_config
+from guidance_tune.checkpoint import WEIGHTS_FILE
+from guidance_tune.config import ConfigError
+from guidance_tune.metrics import is_better
+from guidance_tune.outcome import Outcome
+from guidance_tune.tracking import TRIAL_ID_TAG, RunRecord, close_trial_run, open_child_runs
+from guidance_tune.trial import TrialTracking, planned_epochs, trial_config
+
+logger = logging.getLogger(__name__)
+DONE = ("TERMINATED", "ERROR")
+RETRIES_RAN_OUT = (
+    "the trial failed and its retries ran out (Ray Tune's error file has the traceback)"
+)
 
 
 class ConsoleProgress(Callback):
@@ -17,13 +35,13 @@ class ConsoleProgress(Callback):
 
     def __init__(self, metric: str, mode: str) -> None:
         self.metric = metric
-        self.sign = 1.0 if mode == "min" else -1.0
+        self.mode = mode
         self.best: tuple[float, str] | None = None
         self.last: dict[str, float] = {}
 
     def _running(self, trials) -> str:
         running = sum(1 for t in trials if t.status == "RUNNING")
-        done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+        done = sum(1 for t in trials if t.status in DONE)
         return f"[{done} done, {running} running]"
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -34,7 +52,7 @@ class ConsoleProgress(Callback):
         if value is None or not math.isfinite(value):
             return
         self.last[trial.trial_id] = value
-        if self.best is None or self.sign * value < self.sign * self.best[0]:
+        if is_better(value, self.best[0] if self.best else None, self.mode):
             self.best = (value, trial.trial_id)
         print(
             f"{self._running(trials)} {trial.trial_id} epoch {int(result.get('epoch', 0)) + 1}: "
@@ -53,33 +71,93 @@ class ConsoleProgress(Callback):
         print(f"{self._running(trials)} {trial.trial_id} failed (retries exhausted)", flush=True)
 
 
-class MlflowSafetyNet(Callback):
-    """A trial process killed hard, or cut off while it closes after Tune stopped it, cannot
-    end its MLflow run; the driver does it instead, saying what the trial would have said."""
+@contextmanager
+def best_weights(trial) -> Iterator[Path | None]:
+    """``weights.pt`` of the trial's best epoch, from the checkpoints Tune kept.
+
+    The study keeps checkpoints by ``improved`` (``CheckpointConfig`` in ``study``): an
+    improving epoch scores 1, any other 0, and Tune breaks ties towards the later one, so
+    the best checkpoint Tune keeps is the last improving epoch, the run's best. Tune's
+    ``Trial`` offers them only through its checkpoint manager (as its ``ResultGrid`` does).
+    """
+    kept = trial.run_metadata.checkpoint_manager.best_checkpoint_results
+    improving = [result for result in kept if result.metrics.get("improved")]
+    if not improving:
+        yield None
+        return
+    best = max(improving, key=lambda result: result.metrics["epoch"])
+    with best.checkpoint.as_directory() as directory:
+        yield Path(directory) / WEIGHTS_FILE
+
+
+class TrialRecords(Callback):
+    """Closes each trial's run when Tune is done with the trial; after a restore and at the end
+    of the study, settles runs a dead driver left open."""
 
     def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
         self.tracking = tracking
         self.base = base
+        self.settled = False
 
-    def _terminate(self, trial, status: str, tags: dict[str, str]) -> None:
-        client = mlflow_client(self.tracking.tracking_uri)
-        runs = client.search_runs(
-            [self.tracking.experiment_id],
-            filter_string=f"tags.`ray.trial_id` = '{trial.trial_id}'",
-        )
-        for run in runs:
-            if run.info.status != "RUNNING":
-                continue
-            if "status" not in run.data.tags:  # the trial's own word, where it got that far
-                for key, value in tags.items():
-                    client.set_tag(run.info.run_id, key, value)
-            client.set_terminated(run.info.run_id, status)
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.settled:  # the first step sees the trials a restored study brings back
+            self.settled = True
+            self.settle(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        """A run still open here was ended by Tune's SystemExit (scheduler or max_t)."""
-        epochs_done = int((trial.last_result or {}).get("epoch", -1)) + 1
-        outcome = end_status_on_exit(epochs_done, trial_config(self.base, trial.config))
-        self._terminate(trial, "FINISHED", status_tags(outcome))
+        self.close(trial, failure=None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._terminate(trial, "FAILED", status_tags("failed"))
+        self.close(trial, failure=RETRIES_RAN_OUT)
+
+    def on_experiment_end(self, trials, **info):
+        self.settle(trials)
+
+    def close(self, trial, failure: str | None) -> None:
+        """Never raises: a run that can't be closed now stays open for :meth:`settle`, and the
+        study goes on."""
+        try:
+            record = self._record(trial)
+            if record.info().info.status != "RUNNING":
+                return
+            with best_weights(trial) as weights:
+                close_trial_run(
+                    record,
+                    planned_epochs=self._planned_epochs(trial),
+                    best_weights=weights,
+                    failure=failure,
+                )
+        except Exception:  # noqa: BLE001 - the study must outlive a tracking hiccup
+            logger.exception("could not close the MLflow run of trial %s", trial.trial_id)
+
+    def settle(self, trials) -> None:
+        """Close the runs of trials Tune has finished with, and mark runs whose trial Tune no
+        longer knows (lost with a driver killed before Tune saved it) killed."""
+        known = {trial.trial_id: trial for trial in trials}
+        for trial in known.values():
+            if trial.status in DONE:
+                self.close(trial, failure=None if trial.status == "TERMINATED" else RETRIES_RAN_OUT)
+        for run in open_child_runs(
+            self.tracking.tracking_uri, self.tracking.experiment_id, self.tracking.parent_run_id
+        ):
+            if run.data.tags.get(TRIAL_ID_TAG) not in known:
+                RunRecord(self.tracking.tracking_uri, run.info.run_id).close(
+                    Outcome.KILLED,
+                    error="its Ray Tune trial was lost with the driver before Tune saved it; "
+                    "the study ran that configuration again as a new trial",
+                )
+
+    def _record(self, trial) -> RunRecord:
+        """The trial's run; one is made for a trial that died before it could make its own."""
+        tags = self.tracking.trial_tags(trial.trial_id)
+        uri, experiment = self.tracking.tracking_uri, self.tracking.experiment_id
+        found = RunRecord.find(uri, experiment, tags)
+        return found or RunRecord.start(
+            uri, experiment, self.tracking.trial_name(trial.trial_id), tags
+        )
+
+    def _planned_epochs(self, trial) -> int:
+        try:
+            return planned_epochs(trial_config(self.base, trial.config))
+        except ConfigError:  # the trial failed on its own params; any count will do
+            return 0

@@ -1,37 +1,59 @@
-"""MLflow: runs, per-epoch logging, the config round trip. Imports neither torch nor Ray, so
-result queries stay light; ``train`` sees MLflow through ``reporting.MlflowReporter``.
+"""MLflow: the one owner of every run's life. Nothing else opens, writes or closes a run.
 
-Every run carries what a rerun needs: ``config.json`` (the exact typed config), the seed and
-the git commit. Metrics are logged with ``step = epoch``.
+A run is opened (a study's parent, a trial's child, a standalone ``train``, a ``rerun``), gets
+its exact config (``config.json``, params, seed, git commit), one metric batch per epoch
+(``step = epoch``), and is closed once: the best epoch's weights land first as
+``checkpoints/best.pt``, then the ``status`` tag (an :class:`Outcome`) and ``error``, then
+MLflow's own status. A run that says it finished has its artifacts.
+
+A trial's run is found by its Ray Tune trial id before one is made, so a retried, restored or
+interrupted trial always continues the same run. Imports neither torch nor Ray at module level,
+so result queries stay light.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import RunConfig, config_to_dict, parse_run_config
+from guidance_tune.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from guidance_tune.outcome import Outcome
+from guidance_tune.tracking_store import check_store, prepare_store, resolve_tracking_uri
+
+__all__ = ["RunRecord", "check_store", "resolve_tracking_uri"]
 
 CONFIG_ARTIFACT = "config.json"
+BEST_WEIGHTS_ARTIFACT = "checkpoints/best.pt"
+ROLE_TAG = "guidance_tune.role"  # study, trial, run or rerun
+STUDY_TAG = "study"
+TRIAL_ID_TAG = "ray.trial_id"
+EXPERIMENT_DIR_TAG = "ray.experiment_dir"
+PARENT_TAG = "mlflow.parentRunId"
+STATUS_TAG = "status"
+ERROR_TAG = "error"
+RERUN_OF_TAG = "rerun_of"
 
 
-def resolve_tracking_uri(uri: str | None) -> str:
-    """An absolute URI that means the same in every process (trial processes run elsewhere).
+def mlflow_client(tracking_uri: str):
+    import mlflow
 
-    None falls back to ``MLFLOW_TRACKING_URI`` and then to ``mlflow.db`` in the working dir;
-    a bare path or a relative ``sqlite:///`` path is made absolute.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if "://" not in uri:
-        return "sqlite:///" + str(Path(uri).resolve())
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Experiment id for ``name``, created if missing, in a store created once (see
+    :func:`~guidance_tune.tracking_store.prepare_store`)."""
+    prepare_store(tracking_uri)
+    client = mlflow_client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -60,40 +82,69 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def mlflow_client(tracking_uri: str):
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+def tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
-    """Experiment id for ``name``, created if missing (also creates the SQLite file)."""
-    client = mlflow_client(tracking_uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name)
-
-
-class MlflowRun:
-    """One MLflow run addressed through an explicit client: no global active-run state."""
+class RunRecord:
+    """One MLflow run, addressed through an explicit client: no global active-run state."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.client = mlflow_client(tracking_uri)
+        self._client = mlflow_client(tracking_uri)
 
     @classmethod
-    def create(
+    def start(
         cls,
         tracking_uri: str,
         experiment_id: str,
-        run_name: str,
-        tags: dict[str, str] | None = None,
-    ) -> MlflowRun:
-        client = mlflow_client(tracking_uri)
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
-        return cls(tracking_uri, run.info.run_id)
+        name: str,
+        tags: dict[str, str],
+        config: RunConfig | None = None,
+    ) -> RunRecord:
+        run = mlflow_client(tracking_uri).create_run(experiment_id, run_name=name, tags=tags)
+        record = cls(tracking_uri, run.info.run_id)
+        if config is not None:
+            record.log_config(config)
+        return record
+
+    @classmethod
+    def find(cls, tracking_uri: str, experiment_id: str, tags: dict[str, str]) -> RunRecord | None:
+        """The oldest run carrying all ``tags``, if any."""
+        runs = mlflow_client(tracking_uri).search_runs(
+            [experiment_id], tag_filter(tags), order_by=["attributes.start_time ASC"]
+        )
+        return cls(tracking_uri, runs[0].info.run_id) if runs else None
+
+    @classmethod
+    def for_trial(
+        cls,
+        tracking_uri: str,
+        experiment_id: str,
+        tags: dict[str, str],
+        name: str,
+        config: RunConfig,
+    ) -> RunRecord:
+        """The run of the trial that ``tags`` name (parent and trial id), reopened, or a new one:
+        a trial has exactly one run however often it is retried, restored or interrupted."""
+        identity = {key: tags[key] for key in (PARENT_TAG, TRIAL_ID_TAG)}
+        found = cls.find(tracking_uri, experiment_id, identity)
+        if found is None:
+            return cls.start(tracking_uri, experiment_id, name, tags, config)
+        found.reopen()
+        return found
+
+    def info(self):
+        return self._client.get_run(self.run_id)
+
+    def reopen(self) -> None:
+        """Running again: how it ended last time (``status``, ``error``) no longer holds."""
+        tags = self.info().data.tags
+        for key in (STATUS_TAG, ERROR_TAG):
+            if key in tags:
+                self._client.delete_tag(self.run_id, key)
+        self._client.update_run(self.run_id, status="RUNNING")
 
     def log_config(self, config: RunConfig) -> None:
         """Params for the UI and search; ``config.json`` for an exact, typed round trip."""
@@ -102,8 +153,8 @@ class MlflowRun:
         data = config_to_dict(config)
         params = [Param(k, v[:6000]) for k, v in flatten(data).items()]
         for start in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
-        self.client.log_dict(self.run_id, data, CONFIG_ARTIFACT)
+            self._client.log_batch(self.run_id, params=params[start : start + 100])
+        self._client.log_dict(self.run_id, data, CONFIG_ARTIFACT)
         import torch
 
         # CPU results depend on the thread count; a rerun uses the same one to match exactly
@@ -112,28 +163,118 @@ class MlflowRun:
             tags["git_commit"] = commit
         self.set_tags(tags)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=int(metrics["epoch"]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self._client.set_tag(self.run_id, key, value)
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        self._client.log_dict(self.run_id, data, artifact_file)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self._client.log_figure(self.run_id, figure, artifact_file)
+
+    def note_error(self, error: BaseException | str) -> None:
+        """What ended the run, kept for whoever closes it (a trial's run is closed by the
+        driver, which only sees that the trial process raised)."""
+        self.set_tags({ERROR_TAG: (error if isinstance(error, str) else repr(error))[:5000]})
+
+    def close(
+        self, outcome: Outcome, *, best_weights: Path | None = None, error: str | None = None
+    ) -> None:
+        """Artifacts first, then the words, then MLflow's status: a run that says it ended has
+        everything it will ever have. A best checkpoint that can't be uploaded fails the run."""
+        if best_weights is not None and best_weights.is_file():
+            try:
+                self._upload_best(best_weights)
+            except Exception as upload_error:  # noqa: BLE001 - any failure loses the artifact
+                outcome, error = Outcome.FAILED, f"best checkpoint not saved: {upload_error!r}"
+        if error is not None:
+            self.note_error(error)
+        self.set_tags({STATUS_TAG: outcome.value})
+        self._client.set_terminated(self.run_id, outcome.mlflow_status)
+
+    def _upload_best(self, weights: Path) -> None:
+        """Uploaded under its artifact name (MLflow names an artifact after its file)."""
+        folder, name = BEST_WEIGHTS_ARTIFACT.rsplit("/", 1)
+        with tempfile.TemporaryDirectory(prefix="guidance-tune-") as scratch:
+            named = Path(scratch) / name
+            try:
+                named.hardlink_to(weights)
+            except OSError:
+                shutil.copyfile(weights, named)
+            self._client.log_artifact(self.run_id, str(named), folder)
+
+
+def trial_outcome(metrics: dict[str, float], planned_epochs: int) -> tuple[Outcome, str | None]:
+    """How a trial Tune ended ended, from what its run recorded: diverged, stopped by the
+    scheduler before its last epoch, or finished. A run with no epoch is never finished."""
+    if "epoch" not in metrics:
+        return Outcome.FAILED, "the trial ended before its first epoch"
+    if metrics.get("diverged"):
+        return Outcome.DIVERGED, None
+    if int(metrics["epoch"]) + 1 < planned_epochs:
+        return Outcome.STOPPED, None
+    return Outcome.FINISHED, None
+
+
+def close_trial_run(
+    record: RunRecord, *, planned_epochs: int, best_weights: Path | None, failure: str | None
+) -> Outcome:
+    """Close a trial's run from the driver, which outlives the trial process: ``failure`` is
+    Tune's word that the trial errored for good (the trial's own error tag is kept)."""
+    run = record.info()
+    if failure is not None:
+        outcome, error = Outcome.FAILED, run.data.tags.get(ERROR_TAG, failure)
+    else:
+        outcome, error = trial_outcome(run.data.metrics, planned_epochs)
+    record.close(outcome, best_weights=best_weights, error=error)
+    return outcome
+
+
+def open_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -> list:
+    """The parent's child runs MLflow still shows RUNNING."""
+    return mlflow_client(tracking_uri).search_runs(
+        [experiment_id],
+        f"{tag_filter({PARENT_TAG: parent_run_id})} and attributes.status = 'RUNNING'",
+        max_results=10000,
+    )
 
 
 def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
-    """The exact config a run trained with, validated like any other config input."""
+    """The exact config a trial or run trained with, validated like any other config input."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow_client(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
+    if run.data.tags.get(ROLE_TAG) == "study":
+        study = run.data.tags.get(STUDY_TAG, "")
+        raise ConfigError(
+            f"run {run_id} is study {study!r}'s parent run, not a trial: pick one of its trials "
+            f"(guidance-tune study best {study})"
+        )
     with tempfile.TemporaryDirectory() as scratch:
-        local = mlflow_client(tracking_uri).download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
+        try:
+            local = client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
+        except (MlflowException, OSError):
+            raise ConfigError(
+                f"run {run_id} has no {CONFIG_ARTIFACT}: it was not recorded by guidance-tune"
+            ) from None
         data = json.loads(Path(local).read_text())
     return parse_run_config(data, source=f"MLflow run {run_id} {CONFIG_ARTIFACT}")

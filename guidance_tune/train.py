@@ -1,8 +1,10 @@
 """The one training function. Standalone runs, reruns and every Ray Tune trial call
 ``train(config, reporter)``; it knows nothing of Ray or MLflow, only the reporter it is given.
 
-Reads top to bottom: set-up, (noise warm-up), then per epoch: train, evaluate, report with a
-checkpoint a reporter may save. Resuming from such a checkpoint continues bitwise.
+Reads top to bottom: set-up, (noise warm-up), then per epoch: train, evaluate, mark the best
+epoch, report with a checkpoint a reporter may save. Resuming from such a checkpoint continues
+bitwise. A run ends ``finished`` or ``diverged``; how a study or a user ends it otherwise is
+for the caller to record.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidance_tune.checkpoint import rng_state, seed_everything, set_rng_state
+from guidance_tune.checkpoint import Checkpoint, rng_state, seed_everything, set_rng_state
 from guidance_tune.config import ConfigError, RunConfig, config_to_dict
 from guidance_tune.data import DataSplits, load_data, sample_batch
 from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
+from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
-
-Checkpoint = dict[str, Any]
+from guidance_tune.outcome import Outcome
 
 
 class Reporter:
@@ -43,7 +45,7 @@ class Reporter:
 
 @dataclass
 class TrainResult:
-    status: str  # "finished" or "diverged"
+    status: Outcome  # finished or diverged
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -63,8 +65,11 @@ class Run:
     term: GuideTerm | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    epoch: int = 0  # the next epoch to train
     step: int = 0
+    first_loss: float | None = None  # the scale a blown-up loss is measured against
     best: dict[str, float] = field(default_factory=dict)
+    best_epoch: int | None = None  # by train.select_metric
     history: list[dict[str, float]] = field(default_factory=list)
 
     def autocast(self):
@@ -77,7 +82,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device is cuda but no GPU is visible: set train.device to auto")
+        raise ConfigError("train.device is cuda but no GPU is visible: set train.device to auto")
     return torch.device(name)
 
 
@@ -102,8 +107,9 @@ def build_optimizer(config: RunConfig, params) -> tuple[torch.optim.Optimizer, A
     return optimizer, schedulers[o.schedule]()
 
 
-def build_run(config: RunConfig) -> Run:
-    """Everything a run needs, or a ConfigError naming the field, before anything is logged."""
+def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
+    """Everything a run needs, restored from ``checkpoint`` if given, or a ConfigError naming
+    the field (or the checkpoint that does not fit), before anything is logged."""
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
     data = load_data(config.data, device)
@@ -122,14 +128,14 @@ def build_run(config: RunConfig) -> Run:
     warmup = config.noise_warmup.steps > 0
     if config.guide is not None and (config.guidance.kind != "none" or warmup):
         guide = create_model(config.guide, seed=config.train.seed + 1, **shape).to(device)
-    try:
-        term = build_guide_term(
-            target, guide, sample_batch(data, 2), config.guidance, noise_warmup=warmup
-        )
-    except ValueError as error:
-        raise ConfigError(f"guidance: {error}") from None
+    term = build_guide_term(
+        target, guide, sample_batch(data, 2), config.guidance, noise_warmup=warmup
+    )
     optimizer, scheduler = build_optimizer(config, target.parameters())
-    return Run(config, device, data, target, guide, term, optimizer, scheduler)
+    run = Run(config, device, data, target, guide, term, optimizer, scheduler)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    return run
 
 
 def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
@@ -171,8 +177,22 @@ def run_noise_warmup(run: Run) -> None:
                 return
 
 
+def loss_diverged(run: Run, loss: float) -> bool:
+    """Non-finite, or blown up: above ``divergence_factor`` times the run's first loss (taken
+    as at least 1, so a run that starts near zero is not judged on noise)."""
+    if not math.isfinite(loss):
+        return True
+    factor = run.config.train.divergence_factor
+    return (
+        factor is not None
+        and run.first_loss is not None
+        and loss > factor * max(run.first_loss, 1.0)
+    )
+
+
 def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float]:
-    """Metrics accumulate on the device; the only host syncs are the periodic finite check."""
+    """Metrics accumulate on the device; the only host syncs are the run's first loss and the
+    periodic divergence check."""
     cfg = run.config.train
     total = run.data.train.num_batches(cfg.batch_size, drop_last=True)
     if cfg.max_steps_per_epoch is not None:
@@ -190,10 +210,12 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
         loss.backward()
         run.optimizer.step()
         sums += torch.stack([loss.detach(), task.detach(), guidance.detach()]).float()
+        if run.first_loss is None:
+            run.first_loss = loss.item()
         steps += 1
         run.step += 1
         reporter.step(epoch, steps, total)
-        if steps % cfg.nonfinite_check_steps == 0 and not torch.isfinite(sums[0]):
+        if steps % cfg.nonfinite_check_steps == 0 and loss_diverged(run, sums[0].item() / steps):
             break
         if steps == total:
             break
@@ -237,59 +259,74 @@ def peak_memory_gib(device: torch.device) -> float:
     return kib / 2**20 if sys.platform != "darwin" else kib / 2**30
 
 
-def update_best(run: Run, metrics: dict[str, float]) -> None:
-    """Best-so-far values, so a study ranks trials by their best epoch, not their last."""
-    for key, better in (("val/loss", min), ("val/top1", max), ("val/top5", max)):
-        if key in metrics and math.isfinite(metrics[key]):
-            name = "best/" + key.removeprefix("val/")
-            run.best[name] = better(run.best.get(name, metrics[key]), metrics[key])
+def update_best(run: Run, metrics: dict[str, float], epoch: int) -> None:
+    """Best-so-far values (a study ranks trials by their best epoch, not their last), and
+    whether this epoch is the run's best by ``train.select_metric``: ``improved`` and
+    ``best_epoch`` say which weights a caller keeps, so no caller re-derives it."""
+    selected = run.config.train.select_metric
+    for key in SELECTABLE_METRICS:
+        name = "best/" + key.removeprefix("val/")
+        if key in metrics and is_better(metrics[key], run.best.get(name), direction(key)):
+            run.best[name] = metrics[key]
+            if key == selected:
+                run.best_epoch = epoch
     metrics.update(run.best)
+    metrics["improved"] = float(run.best_epoch == epoch)
+    if run.best_epoch is not None:
+        metrics["best_epoch"] = float(run.best_epoch)
 
 
-def make_checkpoint(run: Run, epoch: int) -> Checkpoint:
+def make_checkpoint(run: Run) -> Checkpoint:
+    """The state after the last completed epoch (``run.epoch - 1``)."""
     return {
-        "epoch": epoch,
+        "epoch": run.epoch - 1,
         "step": run.step,
         "config": config_to_dict(run.config),
         "target": run.target.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
         "term": run.term.state_dict() if run.term is not None else None,
+        "first_loss": run.first_loss,
         "best": dict(run.best),
+        "best_epoch": run.best_epoch,
         "history": list(run.history),
         "rng": rng_state(),
     }
 
 
-def restore(run: Run, checkpoint: Checkpoint) -> int:
-    """Load a checkpoint into a freshly built run; returns the epoch to continue with."""
-    run.target.load_state_dict(checkpoint["target"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    run.scheduler.load_state_dict(checkpoint["scheduler"])
+def restore(run: Run, checkpoint: Checkpoint) -> None:
+    """Load a checkpoint into a freshly built run, which then continues after its epoch."""
+    try:
+        run.target.load_state_dict(checkpoint["target"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        run.scheduler.load_state_dict(checkpoint["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise ConfigError(
+            f"the checkpoint does not fit this config (it was saved by another model or "
+            f"optimiser): {str(error).splitlines()[0]}"
+        ) from None
     if run.term is not None and checkpoint["term"] is not None:
         run.term.load_state_dict(checkpoint["term"])
+    run.epoch = checkpoint["epoch"] + 1
     run.step = checkpoint["step"]
+    run.first_loss = checkpoint["first_loss"]
     run.best = dict(checkpoint["best"])
+    run.best_epoch = checkpoint["best_epoch"]
     run.history = list(checkpoint["history"])
     set_rng_state(checkpoint["rng"])
-    return checkpoint["epoch"] + 1
 
 
-def fit(run: Run, reporter: Reporter | None = None, checkpoint: Checkpoint | None = None):
-    """The loop over epochs; resumes from ``checkpoint`` if given."""
+def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
+    """The loop over epochs, from ``run.epoch`` (0, or where a restored checkpoint left off)."""
     reporter = reporter or Reporter()
     config = run.config
-    if checkpoint is not None:
-        start = restore(run, checkpoint)
-    else:
-        start = 0
-        if config.noise_warmup.steps > 0:
-            run_noise_warmup(run)
+    if run.epoch == 0 and config.noise_warmup.steps > 0:
+        run_noise_warmup(run)
     end = min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
-    for epoch in range(start, end):
+    for epoch in range(run.epoch, end):
         started = time.perf_counter()
         metrics = train_one_epoch(run, epoch, reporter)
-        diverged = not math.isfinite(metrics["train/loss"])
+        diverged = loss_diverged(run, metrics["train/loss"])
         if not diverged:
             metrics.update(evaluate(run))
         seconds = time.perf_counter() - started
@@ -303,16 +340,17 @@ def fit(run: Run, reporter: Reporter | None = None, checkpoint: Checkpoint | Non
             diverged=float(diverged),
         )
         run.scheduler.step()
-        update_best(run, metrics)
+        update_best(run, metrics, epoch)
         run.history.append(metrics)
-        reporter.epoch(metrics, lambda epoch=epoch: make_checkpoint(run, epoch))
+        run.epoch = epoch + 1
+        reporter.epoch(metrics, lambda: make_checkpoint(run))
         if diverged:
-            return TrainResult("diverged", run.history)
-    return TrainResult("finished", run.history)
+            return TrainResult(Outcome.DIVERGED, run.history)
+    return TrainResult(Outcome.FINISHED, run.history)
 
 
 def train(
     config: RunConfig, reporter: Reporter | None = None, checkpoint: Checkpoint | None = None
 ) -> TrainResult:
     """Train ``config.target`` (guided as the config says); resume from ``checkpoint`` if given."""
-    return fit(build_run(config), reporter, checkpoint)
+    return fit(build_run(config, checkpoint), reporter)

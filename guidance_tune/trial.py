@@ -1,15 +1,16 @@
 """The Ray Tune trainable: a thin adapter that runs ``train`` for one trial.
 
-It turns the sampled parameters into a run config, keeps one MLflow child run per trial (its id
-travels in every checkpoint, so a retried trial continues the same run), reports each epoch to
-Tune with a checkpoint, and ends the MLflow run with the right status even when Tune stops the
-trial by raising ``SystemExit`` inside ``tune.report`` (ASHA, max_t).
+The trial's MLflow run is found by its Tune trial id before one is made, so a retried or
+restored trial continues its own run. Each epoch is logged to MLflow first and reported to Tune
+second, with a checkpoint: Tune may end the trial inside ``tune.report`` (``SystemExit`` from
+ASHA or max_t), and nothing after that call is sure to run. So the trial never closes its run;
+the driver does, once Tune is done with the trial (:mod:`guidance_tune.study_callbacks`), with
+the best epoch's weights from the checkpoints Tune kept.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,17 +20,16 @@ from typing import Any
 import ray
 from ray import tune
 
-from guidance_tune.checkpoint import load_checkpoint, save_checkpoint
+from guidance_tune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from guidance_tune.config import RunConfig, parse_run_config, set_fields
-from guidance_tune.reporting import MlflowReporter
-from guidance_tune.tracking import MlflowRun
-from guidance_tune.train import Checkpoint, train
-
-STATE_FILE = "state.pt"
-# Test-only fault injection, documented in README "Testing": "<study>:<epoch>:<marker dir>" makes
-# each trial of that study raise once, right after reporting that epoch, so that retries from a
-# checkpoint are exercised for real.
-CRASH_ONCE_ENV = "GUIDANCE_TUNE_TEST_CRASH_ONCE"
+from guidance_tune.tracking import (
+    PARENT_TAG,
+    ROLE_TAG,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    RunRecord,
+)
+from guidance_tune.train import Reporter, build_run, fit
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,17 @@ class TrialTracking:
     metric: str
     mode: str
 
+    def trial_tags(self, trial_id: str) -> dict[str, str]:
+        """The tags that make a run this study's trial ``trial_id`` (and find it again)."""
+        return {
+            PARENT_TAG: self.parent_run_id,
+            TRIAL_ID_TAG: trial_id,
+            STUDY_TAG: self.study,
+            ROLE_TAG: "trial",
+        }
 
-def end_status_on_exit(epochs_done: int, config: RunConfig) -> str:
-    """Tune ends every trial with SystemExit, at max_t too; only one cut short was stopped."""
-    return "finished" if epochs_done >= config.train.epochs else "stopped"
+    def trial_name(self, trial_id: str) -> str:
+        return f"{self.study}-{trial_id}"
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
@@ -54,77 +61,51 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
     return parse_run_config(set_fields(base, params), source="trial parameters")
 
 
-class TuneReporter(MlflowReporter):
-    """Logs an epoch to MLflow, then reports it to Tune with a checkpoint holding the run id."""
+def planned_epochs(config: RunConfig) -> int:
+    return min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
 
-    def __init__(self, run: MlflowRun, tracking: TrialTracking) -> None:
-        super().__init__(run, rank_metric=tracking.metric, mode=tracking.mode)
+
+class TuneReporter(Reporter):
+    """Logs an epoch to MLflow, then reports it to Tune with the epoch's checkpoint."""
+
+    def __init__(self, record: RunRecord, tracking: TrialTracking) -> None:
+        self.record = record
         self.tracking = tracking
-        self.epochs_done = 0
 
     def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
-        super().epoch(metrics, checkpoint)
-        self.epochs_done = int(metrics["epoch"]) + 1
+        self.record.log_epoch(metrics)
         if self.tracking.metric not in metrics:  # Tune's searcher and scheduler need it always
             worst = float("inf") if self.tracking.mode == "min" else float("-inf")
             metrics = {**metrics, self.tracking.metric: worst}
         with tempfile.TemporaryDirectory() as scratch:
-            state = {**checkpoint(), "mlflow_run_id": self.run.run_id}
-            save_checkpoint(state, Path(scratch) / STATE_FILE)
+            save_checkpoint(checkpoint(), scratch)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(scratch))
-        _maybe_crash_once(self.tracking.study, int(metrics["epoch"]))
 
 
-def _maybe_crash_once(study: str, epoch: int) -> None:
-    setting = os.environ.get(CRASH_ONCE_ENV)
-    if not setting:
-        return
-    crash_study, crash_epoch, marker_dir = setting.split(":", 2)
-    marker = Path(marker_dir) / tune.get_context().get_trial_id()
-    if study == crash_study and epoch == int(crash_epoch) and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        raise RuntimeError(f"injected crash after epoch {epoch} ({CRASH_ONCE_ENV})")
-
-
-def _open_child_run(tracking: TrialTracking, config: RunConfig, run_id: str | None) -> MlflowRun:
-    if run_id is not None:
-        run = MlflowRun(tracking.tracking_uri, run_id)
-        run.client.update_run(run_id, status="RUNNING")
-        return run
-    context = tune.get_context()
-    run = MlflowRun.create(
-        tracking.tracking_uri,
-        tracking.experiment_id,
-        f"{tracking.study}-{context.get_trial_id()}",
-        tags={
-            "mlflow.parentRunId": tracking.parent_run_id,
-            "study": tracking.study,
-            "guidance_tune.role": "trial",
-            "ray.trial_id": context.get_trial_id(),
-            "ray.node_id": ray.get_runtime_context().get_node_id(),
-        },
-    )
-    run.log_config(config)
-    return run
+def _restored_checkpoint() -> Checkpoint | None:
+    if (resumed := tune.get_checkpoint()) is None:
+        return None
+    with resumed.as_directory() as directory:
+        return load_checkpoint(Path(directory))
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTracking) -> None:
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     config = trial_config(base, params)
-    state, run_id = None, None
-    if (resumed := tune.get_checkpoint()) is not None:
-        with resumed.as_directory() as directory:
-            state = load_checkpoint(Path(directory) / STATE_FILE)
-        run_id = state.pop("mlflow_run_id")
-    reporter = TuneReporter(_open_child_run(tracking, config, run_id), tracking)
+    trial_id = tune.get_context().get_trial_id()
+    record = RunRecord.for_trial(
+        tracking.tracking_uri,
+        tracking.experiment_id,
+        tracking.trial_tags(trial_id),
+        tracking.trial_name(trial_id),
+        config,
+    )
+    record.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id()})
     try:
-        result = train(config, reporter, checkpoint=state)
+        fit(build_run(config, _restored_checkpoint()), TuneReporter(record, tracking))
     except SystemExit:
-        reporter.close(end_status_on_exit(reporter.epochs_done, config))
-        raise
+        raise  # Tune ended the trial (ASHA, max_t): the driver closes its run
     except BaseException as error:
-        reporter.close("failed", error=repr(error))
+        record.note_error(error)  # the driver closes the run once Tune gives up on the trial
         raise
-    reporter.close(result.status)

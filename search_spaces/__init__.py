@@ -7,15 +7,18 @@ Every space keeps the unguided arm in it and says, through ``baseline``, which p
 arm, so the study can evaluate it first and answer "did guidance help?".
 
 The helpers below check options and suggest the run settings (lr, batch size) every space may
-search, so options from a study file fail with a message naming the option before a trial runs.
+search, so options from a study file fail with a message naming the option before a trial runs
+(a ConfigError: the user's to fix; any other error in a space is a bug and keeps its traceback).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -28,19 +31,45 @@ class SearchSpace:
     name: str
     sample: Callable[..., dict[str, Any] | None]  # sample(trial, *, base, **options)
     baseline: Callable[..., dict[str, Any]]  # baseline(*, base, **options): the unguided arm
+    path_options: tuple[str, ...] = ()  # options naming files: made absolute where they enter
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """An option the space does not take is named, with the ones it does."""
+        accepted = [
+            name
+            for name, parameter in inspect.signature(self.sample).parameters.items()
+            if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name != "base"
+        ]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"study.space_options: {', '.join(unknown)} is not an option of the "
+                f"{self.name!r} space; it takes {', '.join(accepted)}"
+            )
+
+    def resolve_paths(self, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with every path option absolute: trials run in their own directories."""
+        return {
+            key: str(Path(value).resolve())
+            if key in self.path_options and isinstance(value, str)
+            else value
+            for key, value in options.items()
+        }
 
 
 _SPACES: dict[str, SearchSpace] = {}
 
 
-def register_space(name: str, *, baseline: Callable[..., dict[str, Any]]) -> Callable:
+def register_space(
+    name: str, *, baseline: Callable[..., dict[str, Any]], path_options: tuple[str, ...] = ()
+) -> Callable:
     """Decorator registering a define-by-run function; the function itself is returned
     unchanged, so it stays a module-level object that stdlib pickle can find by name."""
 
     def register(sample: Callable[..., dict[str, Any] | None]) -> Callable:
         if name in _SPACES:
             raise ValueError(f"search space {name!r} is already registered")
-        _SPACES[name] = SearchSpace(name=name, sample=sample, baseline=baseline)
+        _SPACES[name] = SearchSpace(name, sample, baseline, path_options)
         return sample
 
     return register
@@ -71,9 +100,11 @@ def log_range(option: str, value: Iterable[float]) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{option} must be a [low, high] pair of numbers, got {value!r}") from None
+        raise ConfigError(
+            f"{option} must be a [low, high] pair of numbers, got {value!r}"
+        ) from None
     if not 0 < low <= high:
-        raise ValueError(f"{option} must satisfy 0 < low <= high, got [{low}, {high}]")
+        raise ConfigError(f"{option} must satisfy 0 < low <= high, got [{low}, {high}]")
     return low, high
 
 
@@ -81,15 +112,15 @@ def choices(option: str, values: Iterable[Any], valid: Callable[[Any], bool], wh
     """A list option of categorical choices, each checked by ``valid`` (described by ``what``).
     Choices must be None/bool/int/float/str for Optuna, so lists of lists are refused here."""
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ValueError(f"{option} must be a list of choices, got {values!r}")
+        raise ConfigError(f"{option} must be a list of choices, got {values!r}")
     values = list(values)
     if not values:
-        raise ValueError(f"{option} needs at least one choice")
+        raise ConfigError(f"{option} needs at least one choice")
     bad = [v for v in values if not valid(v)]
     if bad:
-        raise ValueError(f"{option}: {bad!r} not allowed; each choice must be {what}")
+        raise ConfigError(f"{option}: {bad!r} not allowed; each choice must be {what}")
     if len({repr(v) for v in values}) != len(values):
-        raise ValueError(f"{option} lists a choice twice: {values!r}")
+        raise ConfigError(f"{option} lists a choice twice: {values!r}")
     return values
 
 
@@ -100,7 +131,7 @@ def is_count(value: Any, minimum: int = 0) -> bool:
 def require_guide(base: dict[str, Any], space: str) -> None:
     """Guided arms need a guide; say so now rather than in every guided trial."""
     if base.get("guide") is None:
-        raise ValueError(
+        raise ConfigError(
             f"the {space!r} space has guided arms but the base run has no guide: add a 'guide:' "
             "section"
         )

@@ -11,6 +11,7 @@ from typing import Any
 
 import optuna
 
+from guidance_tune.config import ConfigError
 from search_spaces import (
     choices,
     is_count,
@@ -23,7 +24,7 @@ from search_spaces import (
 )
 
 
-@register_space("guidance", baseline=unguided_baseline)
+@register_space("guidance", baseline=unguided_baseline, path_options=("trained_guide_weights",))
 def guidance_space(
     trial: optuna.Trial,
     *,
@@ -48,7 +49,7 @@ def guidance_space(
     guided_steps = choices("guided_steps", guided_steps, _is_count_or_none, "null or >= 0")
     warmup_steps = choices("noise_warmup_steps", noise_warmup_steps, is_count, "an integer >= 0")
     if trained_guide_weights is not None and not _is_spec(trained_guide_weights):
-        raise ValueError(
+        raise ConfigError(
             f"trained_guide_weights must be a file path, got {trained_guide_weights!r}"
         )
     require_guide(base, "guidance")

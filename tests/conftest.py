@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -9,24 +10,16 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-
-CRASH_STUDY = "crash-once"
-
-
-@pytest.fixture(scope="session")
-def crash_markers(tmp_path_factory):
-    return tmp_path_factory.mktemp("crash-markers")
+# Trial processes import test models (tests.factories:...) by name, as they would a user's.
+ROOT = str(Path(__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory, crash_markers):
+def ray_local(tmp_path_factory):
     """One real local Ray for the session (2 CPUs, no GPU), torn down at the end."""
     import ray
 
-    from guidance_tune.trial import CRASH_ONCE_ENV
-
-    # only the study named CRASH_STUDY crashes (once per trial, after epoch 0)
-    os.environ[CRASH_ONCE_ENV] = f"{CRASH_STUDY}:0:{crash_markers}"
     ray.init(
         num_cpus=2,
         num_gpus=0,

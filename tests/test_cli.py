@@ -1,6 +1,12 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 import yaml
 
 from guidance_tune.cli import main
@@ -60,6 +66,9 @@ def test_train_logs_config_metrics_and_best_checkpoint_to_mlflow(tiny_yaml, tmp_
     assert load_run_config_from_mlflow(uri, run_id) == load_run_config(tiny_yaml)
     artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.pt"]
+    best = torch.load(client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path)))
+    improved = [m.step for m in client.get_metric_history(run_id, "improved") if m.value]
+    assert best["epoch"] == max(improved) and "model" in best
 
 
 def test_set_overrides_are_typed(tiny_yaml, tmp_path):
@@ -68,7 +77,7 @@ def test_set_overrides_are_typed(tiny_yaml, tmp_path):
 
 
 def test_train_checkpoint_then_resume_finishes_the_remaining_epochs(tiny_yaml, tmp_path, capsys):
-    state = tmp_path / "state.pt"
+    state = tmp_path / "checkpoint"
     args = ["train", str(tiny_yaml), "--quiet", "--checkpoint", str(state)]
     assert main([*args, "--set", "train.epochs=1"]) == 0
     capsys.readouterr()
@@ -119,3 +128,132 @@ def test_config_json_round_trip_is_exact(tiny_yaml, tmp_path):
 
     config = load_run_config(tiny_yaml)
     assert parse_run_config(json.loads(json.dumps(config_to_dict(config)))) == config
+
+
+def _record_tiny_run(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}}))
+    assert main(["train", str(path), "--quiet", "--tracking-uri", uri]) == 0
+    run_id = capsys.readouterr().out.split("mlflow run: ")[1].split()[0]
+    return uri, run_id
+
+
+def _runs(uri):
+    client = mlflow.MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+FAILURES = {
+    "binary config": (["train", "{tmp}/binary.yaml"], "not a text file"),
+    "cuda without a GPU": (["train", "{tiny}", "--set", "train.device=cuda"], "train.device"),
+    "unwritable --checkpoint": (
+        ["train", "{tiny}", "--checkpoint", "{tmp}/a-file/checkpoint"],
+        "--checkpoint",
+    ),
+    "garbage --resume": (["train", "{tiny}", "--resume", "{tmp}/garbage"], "not a readable"),
+    "unreachable tracking server": (
+        ["train", "{tiny}", "--tracking-uri", "http://127.0.0.1:9"],
+        "did not answer",
+    ),
+    "tracking store in a file's place": (
+        ["train", "{tiny}", "--tracking-uri", "sqlite:///{tmp}/a-file/mlflow.db"],
+        "cannot create MLflow store",
+    ),
+    "rerun of an unknown run": (
+        ["rerun", "0123456789abcdef", "--tracking-uri", "{uri}"],
+        "no MLflow run",
+    ),
+    "rerun of a missing store": (
+        ["rerun", "0123", "--tracking-uri", "{tmp}/none.db"],
+        "no MLflow store",
+    ),
+    "study best on a missing store": (
+        ["study", "best", "x", "--tracking-uri", "{tmp}/none.db"],
+        "no MLflow store",
+    ),
+    "study best --export unwritable": (
+        ["study", "best", "x", "--tracking-uri", "{uri}", "--export", "{tmp}/a-file/w.yaml"],
+        "--export",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_each_user_error_exits_2_with_a_message_and_writes_nothing(
+    tiny_yaml, tmp_path, capsys, case
+):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    (tmp_path / "a-file").write_text("a file, not a folder")
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)))
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "weights.pt").write_bytes(b"\x00" * 64)
+    (tmp_path / "garbage" / "state.pt").write_bytes(b"\x00" * 64)
+    store = tmp_path / "store"
+    store.mkdir()
+    uri, _ = _record_tiny_run(store, capsys)
+    before = {run.info.run_id for run in _runs(uri)}
+    args, named = FAILURES[case]
+    fields = {"tmp": tmp_path, "tiny": tiny_yaml, "uri": uri}
+    assert main([arg.format(**fields) for arg in args]) == 2
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 1, err
+    assert {run.info.run_id for run in _runs(uri)} == before
+    written = {p.name for p in tmp_path.iterdir()}
+    assert written == {"a-file", "binary.yaml", "garbage", "store", "tiny.yaml"}
+
+
+def test_rerun_of_a_studys_parent_run_says_to_pick_a_trial(tmp_path, capsys):
+    from guidance_tune.tracking import RunRecord, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {"guidance_tune.role": "study", "study": "demo"}
+    parent = RunRecord.start(uri, ensure_experiment(uri, "demo"), "demo", tags)
+    assert main(["rerun", parent.run_id, "--tracking-uri", uri]) == 2
+    assert "parent run, not a trial" in capsys.readouterr().err
+
+
+def test_study_best_json_with_export_prints_only_json(tmp_path, capsys):
+    from .test_results import make_study
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    make_study(uri)
+    export = tmp_path / "winner.yaml"
+    args = ["study", "best", "demo", "--tracking-uri", uri, "--format", "json"]
+    assert main([*args, "--export", str(export)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["name"] == "overfits"
+    assert "winner.yaml" in err and export.is_file()
+
+
+def test_a_bug_in_a_models_forward_keeps_its_traceback(tmp_path):
+    path = tmp_path / "bug.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "target": {"name": "tests.factories:failing_forward"}}))
+    with pytest.raises(ValueError, match="a bug in the model's forward"):
+        main(["train", str(path), "--quiet"])
+
+
+def test_a_resume_from_a_checkpoint_carrying_code_runs_nothing(tiny_yaml, tmp_path, capsys):
+    from .test_checkpoint import RunsAShellCommand
+
+    checkpoint = tmp_path / "checkpoint"
+    args = ["train", str(tiny_yaml), "--quiet", "--set", "train.epochs=1"]
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 0
+    marker = tmp_path / "pwned"
+    torch.save({"payload": RunsAShellCommand(marker)}, checkpoint / "state.pt")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main([*args, "--resume", str(checkpoint), "--tracking-uri", uri]) == 2
+    assert "names code" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_two_first_runs_on_a_new_sqlite_store_both_land(tiny_yaml, tmp_path):
+    uri = f"sqlite:///{tmp_path}/new/mlflow.db"
+    command = [str(Path(sys.executable).parent / "guidance-tune"), "train", str(tiny_yaml)]
+    command += ["--quiet", "--tracking-uri", uri, "--set", "train.epochs=1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    runs = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
+    assert sorted(run.data.tags["status"] for run in _runs(uri)) == ["finished", "finished"]

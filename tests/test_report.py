@@ -7,12 +7,25 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from guidance_tune.report import best_arms, curves_figure, study_report
-from guidance_tune.results import find_study, rank_trials
+from guidance_tune.report import CURVE_METRIC, best_arms, curves_figure, study_report
+from guidance_tune.results import find_study, metric_curve, rank_trials, trial_rows
+from guidance_tune.tracking import RunRecord
 
 from .test_results import STUDY, TRIALS, make_study
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def log_report(uri: str, parent_id: str) -> list[str]:
+    """The report as a study logs it on its parent run; returns the artifact paths."""
+    _, children = find_study(uri, STUDY)
+    rows = trial_rows(children, "best/loss")
+    curves = {row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC) for row in rows}
+    parent = RunRecord(uri, parent_id)
+    artifacts = study_report(rows, curves, "best/loss", "min")
+    for path, artifact in artifacts.items():
+        (parent.log_text if isinstance(artifact, str) else parent.log_figure)(artifact, path)
+    return list(artifacts)
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +33,14 @@ def reported(tmp_path_factory):
     """A study whose report has been logged; returns (uri, run ids, artifact paths, client)."""
     uri = f"sqlite:///{tmp_path_factory.mktemp('report')}/mlflow.db"
     ids = make_study(uri)
+    return uri, ids, log_report(uri, ids["parent"]), mlflow.MlflowClient(uri)
+
+
+def arms_and_curves(uri: str):
     _, children = find_study(uri, STUDY)
-    paths = study_report(uri, ids["parent"], children)
-    return uri, ids, paths, mlflow.MlflowClient(uri)
+    arms = best_arms(rank_trials(trial_rows(children, "best/loss"), "min", top=None))
+    curves = {row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC) for row in arms.values()}
+    return arms, curves
 
 
 def read_artifact(client, run_id: str, path: str, tmp_path: Path) -> bytes:
@@ -44,14 +62,13 @@ def test_val_curves_is_a_real_png(reported, tmp_path):
 
 
 def test_curves_compare_the_best_guided_with_the_best_unguided_trial(reported):
-    uri, _, _, client = reported
-    _, children = find_study(uri, STUDY)
-    arms = best_arms(rank_trials(children, top=None))
+    uri, _, _, _ = reported
+    arms, curves = arms_and_curves(uri)
     assert {arm: row.name for arm, row in arms.items()} == {
         "guided": "overfits",
         "unguided": "baseline",
     }
-    axes = curves_figure(client, arms, "best/loss").axes[0]
+    axes = curves_figure(arms, curves, "best/loss").axes[0]
     labels = axes.get_legend_handles_labels()[1]
     assert labels == [
         "best guided: overfits (best/loss 0.3000)",
@@ -64,11 +81,10 @@ def test_curves_compare_the_best_guided_with_the_best_unguided_trial(reported):
 def test_curves_say_so_when_the_study_has_no_unguided_trial(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     ids = make_study(uri, trials={"steady": TRIALS["steady"]})
-    _, children = find_study(uri, STUDY)
-    arms = best_arms(rank_trials(children, top=None))
-    axes = curves_figure(mlflow.MlflowClient(uri), arms, "best/loss").axes[0]
+    arms, curves = arms_and_curves(uri)
+    axes = curves_figure(arms, curves, "best/loss").axes[0]
     assert "no unguided trial" in axes.get_title() and len(axes.lines) == 1
-    assert len(study_report(uri, ids["parent"], children)) == 3
+    assert len(log_report(uri, ids["parent"])) == 3
 
 
 def test_trials_csv_lists_every_trial_ranked_with_the_crash_last(reported, tmp_path):

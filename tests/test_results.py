@@ -7,16 +7,17 @@ import pytest
 import yaml
 
 from guidance_tune.config import ConfigError, RunConfig, load_run_config
+from guidance_tune.outcome import Outcome
 from guidance_tune.results import (
     compare_runs,
     export_config,
-    final_metrics,
     find_study,
     format_rows,
     rank_trials,
+    trial_rows,
     varying_params,
 )
-from guidance_tune.tracking import MlflowRun, ensure_experiment, load_run_config_from_mlflow
+from guidance_tune.tracking import RunRecord, ensure_experiment, load_run_config_from_mlflow
 
 STUDY = "demo"
 # name: (guidance.kind, guidance.weight, optim.lr, val/loss per epoch or None for a crash)
@@ -50,16 +51,13 @@ def log_trial(uri: str, experiment_id: str, parent_id: str, name: str, spec) -> 
         "study": STUDY,
         "guidance_tune.role": "trial",
         "ray.trial_id": f"id-{name}",
-        "status": "finished" if val_losses else "failed",
     }
-    run = MlflowRun.create(uri, experiment_id, name, tags=tags)
-    run.log_config(trial_config(kind, weight, lr))
+    run = RunRecord.start(uri, experiment_id, name, tags, trial_config(kind, weight, lr))
     best = float("inf")
     for epoch, loss in enumerate(val_losses or []):
         best = min(best, loss)
-        metrics = {"epoch": epoch, "val/loss": loss, "best/loss": best, "val/top1": 1 - loss}
-        run.log_metrics(metrics, step=epoch)
-    run.finish("FINISHED" if val_losses else "FAILED")
+        run.log_epoch({"epoch": epoch, "val/loss": loss, "best/loss": best, "val/top1": 1 - loss})
+    run.close(Outcome.FINISHED if val_losses else Outcome.FAILED)
     return run.run_id
 
 
@@ -67,7 +65,7 @@ def make_study(uri: str, experiment: str = STUDY, trials: dict = TRIALS) -> dict
     """A parent and its trials; returns run ids by name ("parent" for the parent)."""
     experiment_id = ensure_experiment(uri, experiment)
     tags = {"study": STUDY, "guidance_tune.role": "study"}
-    parent = MlflowRun.create(uri, experiment_id, STUDY, tags=tags)
+    parent = RunRecord.start(uri, experiment_id, STUDY, tags)
     ids = {
         name: log_trial(uri, experiment_id, parent.run_id, name, spec)
         for name, spec in trials.items()
@@ -104,7 +102,7 @@ def test_study_in_a_custom_experiment_is_found_without_naming_it(tmp_path):
 def test_trials_rank_by_their_best_epoch_not_their_last(study):
     uri, _ = study
     _, children = find_study(uri, STUDY)
-    rows = rank_trials(children, "best/loss", "min", top=None)
+    rows = rank_trials(trial_rows(children, "best/loss"), "min", top=None)
     assert [row.name for row in rows] == RANKED
     assert rows[0].value == pytest.approx(0.3) and rows[0].metrics["val/loss"] == pytest.approx(0.8)
     assert rows[0].status == "finished"
@@ -113,28 +111,29 @@ def test_trials_rank_by_their_best_epoch_not_their_last(study):
 def test_rank_trials_keeps_the_top_n_and_leaves_out_the_crashed_trial(study):
     uri, _ = study
     _, children = find_study(uri, STUDY)
-    assert [row.name for row in rank_trials(children, top=2)] == RANKED[:2]
-    assert "crashed" not in [row.name for row in rank_trials(children, top=None)]
+    rows = trial_rows(children, "best/loss")
+    assert [row.name for row in rank_trials(rows, "min", top=2)] == RANKED[:2]
+    assert "crashed" not in [row.name for row in rank_trials(rows, "min", top=None)]
 
 
 def test_mode_max_ranks_the_highest_value_first(study):
     uri, _ = study
     _, children = find_study(uri, STUDY)
-    rows = rank_trials(children, "val/top1", "max", top=None)
+    rows = rank_trials(trial_rows(children, "val/top1"), "max", top=None)
     assert [row.name for row in rows] == ["steady", "distilled", "overfits", "baseline"]
 
 
 def test_varying_params_are_exactly_the_searched_ones(study):
     uri, _ = study
     _, children = find_study(uri, STUDY)
-    rows = rank_trials(children, top=None)
+    rows = rank_trials(trial_rows(children, "best/loss"), "min", top=None)
     assert varying_params(rows) == ["guidance.kind", "guidance.weight", "optim.lr"]
 
 
 def test_table_shows_rank_short_run_id_and_varying_params(study):
     uri, ids = study
     _, children = find_study(uri, STUDY)
-    rows = rank_trials(children, top=None)
+    rows = rank_trials(trial_rows(children, "best/loss"), "min", top=None)
     table = format_rows(rows, varying_params(rows), "best/loss", "table")
     header, rule, first, *_ = table.splitlines()
     params = ["guidance.kind", "guidance.weight", "optim.lr"]
@@ -147,7 +146,7 @@ def test_table_shows_rank_short_run_id_and_varying_params(study):
 def test_json_and_yaml_output_parse_back_with_full_run_ids(study, fmt, load):
     uri, ids = study
     _, children = find_study(uri, STUDY)
-    rows = rank_trials(children, top=3)
+    rows = rank_trials(trial_rows(children, "best/loss"), "min", top=3)
     records = load(format_rows(rows, ["guidance.kind"], "best/loss", fmt))
     assert [r["run_id"] for r in records] == [ids[name] for name in RANKED[:3]]
     assert records[0] == {
@@ -167,12 +166,6 @@ def test_exported_config_trains_exactly_the_logged_config(study, tmp_path):
     exported = load_run_config(path)
     assert exported == load_run_config_from_mlflow(uri, ids["overfits"])
     assert exported.guidance.weight == 3.0
-
-
-def test_final_metrics_are_the_last_epoch_values(study):
-    uri, ids = study
-    final = final_metrics(uri, ids["overfits"])
-    assert final["val/loss"] == pytest.approx(0.8) and final["epoch"] == 2
 
 
 def test_compare_runs_lists_both_values_and_the_difference():

@@ -1,25 +1,21 @@
 """Studies end to end on a real local Ray and a real SQLite MLflow store."""
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import mlflow
 import pytest
+import torch
 import yaml
 
 from guidance_tune.cli import main
 from guidance_tune.config import ConfigError, load_run_config, parse_study_config
-from guidance_tune.results import find_study
-from guidance_tune.study import launch
-from guidance_tune.tracking import load_run_config_from_mlflow
+from guidance_tune.results import find_study, metric_curve
+from guidance_tune.study import launch, load_study
+from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT, load_run_config_from_mlflow
+from guidance_tune.train import build_run, evaluate
 
-from .conftest import CRASH_STUDY
+from .test_data import _write_fashion_mnist
 
 pytestmark = pytest.mark.slow
+STEPS = 3  # training steps per epoch in these studies
 
 
 def study_dict(name, tmp_path, **study):
@@ -28,7 +24,7 @@ def study_dict(name, tmp_path, **study):
         "target": {"name": "deep_fcn", "kwargs": {"depth": 4, "first_width": 32, "width": 32}},
         "guide": {"name": "resnet18"},
         "data": {"name": "synthetic", "synthetic_samples": 320, "synthetic_size": 16},
-        "train": {"epochs": 3, "batch_size": 32, "max_steps_per_epoch": 3},
+        "train": {"epochs": 3, "batch_size": 32, "max_steps_per_epoch": STEPS},
         "study": {
             "space": "guidance",
             "space_options": {"lr": [1e-4, 1e-1], "weight": [0.1, 3.0]},
@@ -42,9 +38,27 @@ def study_dict(name, tmp_path, **study):
     }
 
 
-def children_of(uri, name):
-    parent, children = find_study(uri, name)
-    return parent, children
+def scripted_target(marker_dir, **script):
+    """The study's target with a test script (tests.factories.scripted_fcn) attached."""
+    kwargs = {"depth": 4, "first_width": 32, "width": 32, "marker_dir": str(marker_dir), **script}
+    return {"name": "tests.factories:scripted_fcn", "kwargs": kwargs}
+
+
+def assert_best_checkpoint_is_the_best_epoch(uri, run, scratch):
+    """``checkpoints/best.pt`` holds the weights of the last epoch marked ``improved``: they
+    give that epoch's logged validation loss again."""
+    client = mlflow.MlflowClient(uri)
+    run_id = run.info.run_id
+    epochs, improved = metric_curve(uri, run_id, "improved")
+    best_epoch = max(epoch for epoch, flag in zip(epochs, improved, strict=True) if flag)
+    path = client.download_artifacts(run_id, BEST_WEIGHTS_ARTIFACT, str(scratch))
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == best_epoch
+    losses = dict(zip(*metric_curve(uri, run_id, "val/loss"), strict=True))
+    assert saved["metrics"]["val/loss"] == losses[best_epoch]
+    trained = build_run(load_run_config_from_mlflow(uri, run_id))
+    trained.target.load_state_dict(saved["model"])
+    assert evaluate(trained)["val/loss"] == pytest.approx(losses[best_epoch], rel=1e-5)
 
 
 def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
@@ -53,20 +67,24 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     spec = parse_study_config(study_dict("four-trials", tmp_path))
     result = launch(spec)
     uri = result.tracking_uri
-    parent, children = children_of(uri, "four-trials")
+    parent, children = find_study(uri, "four-trials")
     assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    assert parent.data.metrics["num_trials"] == 4
     assert len(children) == 4
     assert all(child.info.status == "FINISHED" for child in children)
-    assert any(child.data.tags.get("stopped_by_tune") == "true" for child in children)
     client = mlflow.MlflowClient(uri)
+    statuses = []
     for child in children:
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
         assert epochs == list(range(len(epochs))) and epochs
         config = load_run_config_from_mlflow(uri, child.info.run_id)
         stopped = len(epochs) < config.train.epochs  # each run says why it ended
-        assert child.data.tags["status"] == ("stopped" if stopped else "finished")
-        assert (child.data.tags.get("stopped_by_tune") == "true") == stopped
+        statuses.append(child.data.tags["status"])
+        assert statuses[-1] == ("stopped" if stopped else "finished")
         assert config.optim.lr == float(child.data.params["optim.lr"])
+        # stopped by ASHA or not, the best epoch's weights reached MLflow
+        assert_best_checkpoint_is_the_best_epoch(uri, child, tmp_path / child.info.run_id)
+    assert "stopped" in statuses, "ASHA stopped no trial: the study tests less than it says"
     baseline = [c for c in children if c.data.params["guidance.kind"] == "none"]
     assert baseline, "the unguided arm is always evaluated"
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
@@ -92,38 +110,80 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     assert reruns[0].data.metrics["best/loss"] == original["best/loss"]
 
 
-def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(
-    ray_local, tmp_path, crash_markers
-):
-    spec = parse_study_config(
-        study_dict(CRASH_STUDY, tmp_path, num_trials=2, scheduler={"kind": "fifo"})
-    )
-    result = launch(spec)
-    _, children = children_of(result.tracking_uri, CRASH_STUDY)
-    assert len(list(crash_markers.iterdir())) == 2  # each trial really crashed once
+def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_local, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict("crash-once", tmp_path, num_trials=2, scheduler={"kind": "fifo"})
+    spec["target"] = scripted_target(markers, crash_at=STEPS + 2)  # mid-epoch 1
+    result = launch(parse_study_config(spec))
+    _, children = find_study(result.tracking_uri, "crash-once")
+    assert len(list(markers.glob("crashed-*"))) == 2  # each trial really crashed once
     assert len(children) == 2 and result.num_errors == 0
     client = mlflow.MlflowClient(result.tracking_uri)
     for child in children:
-        assert child.info.status == "FINISHED"
+        assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+        assert "error" not in child.data.tags  # the crash it recovered from is not its end
         history = client.get_metric_history(child.info.run_id, "val/loss")
-        assert sorted(m.step for m in history) == [0, 1, 2]
+        assert sorted({m.step for m in history}) == [0, 1, 2]
+        assert_best_checkpoint_is_the_best_epoch(result.tracking_uri, child, tmp_path / "best")
 
 
-def test_trials_that_fail_for_good_end_failed_without_taking_the_study_down(
-    ray_local, tmp_path, crash_markers
-):
-    spec = parse_study_config(
-        study_dict(CRASH_STUDY, tmp_path, num_trials=2, max_failures=0, scheduler={"kind": "fifo"})
+def test_trials_that_fail_for_good_end_failed_without_taking_the_study_down(ray_local, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        "crash-for-good", tmp_path, num_trials=2, max_failures=0, scheduler={"kind": "fifo"}
     )
-    result = launch(spec)
+    spec["target"] = scripted_target(markers, crash_at=STEPS + 2)
+    result = launch(parse_study_config(spec))
     assert result.num_errors == 2 and not result.interrupted
-    parent, children = children_of(result.tracking_uri, CRASH_STUDY)
+    parent, children = find_study(result.tracking_uri, "crash-for-good")
     assert parent.info.status == "FINISHED"
     assert len(children) == 2
     for child in children:
-        assert child.info.status == "FAILED"
+        assert child.info.status == "FAILED" and child.data.tags["status"] == "failed"
         assert "injected crash" in child.data.tags["error"]
         assert child.data.metrics["best/loss"] > 0  # its epoch-0 history is kept
+        assert_best_checkpoint_is_the_best_epoch(result.tracking_uri, child, tmp_path / "best")
+
+
+@pytest.mark.parametrize(
+    ("how", "changes"),
+    [
+        ("blows up", {"optim": {"optimizer": "adam", "lr": 1e6}}),
+        ("NaN at the last epoch", {"target": "nan_from"}),
+    ],
+)
+def test_a_diverging_trial_ends_diverged_in_a_study(ray_local, tmp_path, how, changes):
+    spec = study_dict("diverging", tmp_path, num_trials=1, space_options={})
+    spec["train"]["epochs"] = 2
+    if "optim" in changes:
+        spec["optim"] = changes["optim"]
+    else:
+        spec["target"] = scripted_target(tmp_path, nan_from=STEPS + 1)  # all of the last epoch
+    result = launch(parse_study_config(spec))
+    _, (child,) = find_study(result.tracking_uri, "diverging")
+    assert child.data.tags["status"] == "diverged", how
+    assert child.info.status == "FINISHED" and child.data.metrics["diverged"] == 1.0
+
+
+def test_a_relative_data_root_reaches_trials_in_their_own_directories(
+    ray_local, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fmnist").mkdir()
+    _write_fashion_mnist(tmp_path / "fmnist")
+    spec = study_dict("relative-root", tmp_path, num_trials=1, space_options={})
+    spec["data"] = {"name": "fashion_mnist", "root": "fmnist"}  # relative to this directory
+    spec["train"].update(epochs=1, batch_size=8, eval_batch_size=8)
+    path = tmp_path / "relative.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = launch(load_study(path))
+    _, (child,) = find_study(result.tracking_uri, "relative-root")
+    assert child.data.tags["status"] == "finished"
+    assert load_run_config_from_mlflow(result.tracking_uri, child.info.run_id).data.root == (
+        tmp_path / "fmnist"
+    )
 
 
 def test_relaunching_an_existing_study_without_resume_is_refused(ray_local, tmp_path):
@@ -136,13 +196,19 @@ def test_relaunching_an_existing_study_without_resume_is_refused(ray_local, tmp_
 BAD_STUDIES = [
     ({"space": "guidanse"}, "guidance"),
     ({"metric": "val/acc"}, "study.metric"),
+    ({"metric": "best/top1", "mode": "min"}, "study.mode"),
     ({"space_options": {"weight": [0.0, 1.0]}}, "weight"),
     ({"space_options": {"colour": "red"}}, "colour"),
+    ({"tracking_uri": "http://127.0.0.1:9"}, "did not answer"),
+    ({"tracking_uri": "file:///tmp/mlruns"}, "sqlite:///"),
+    ({"storage_path": "{tmp}/a-file/ray_results"}, "study.storage_path"),
 ]
 
 
 @pytest.mark.parametrize(("study", "named"), BAD_STUDIES)
 def test_bad_study_files_are_refused_before_anything_launches(tmp_path, capsys, study, named):
+    (tmp_path / "a-file").write_text("not a folder")
+    study = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in study.items()}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(study_dict("bad", tmp_path, **study)))
     assert main(["study", "launch", str(path)]) == 2
@@ -176,57 +242,6 @@ def test_study_check_validates_a_shipped_study_without_launching(capsys):
     assert "is valid" in capsys.readouterr().out
 
 
-def test_an_interrupted_study_resumes_with_one_run_per_trial_under_the_same_parent(
-    ray_local, tmp_path
-):
-    spec = study_dict("interrupted", tmp_path, num_trials=3, scheduler={"kind": "fifo"})
-    spec["train"]["epochs"] = 6  # long enough trials that Ctrl-C lands mid-study
-    path = tmp_path / "interrupted.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    uri = spec["study"]["tracking_uri"]
-    launched = subprocess.Popen(
-        [str(Path(sys.executable).parent / "guidance-tune"), "study", "launch", str(path)],
-        cwd=tmp_path,
-        env={**os.environ, "RAY_ADDRESS": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not _finished_children(uri, "interrupted") and time.monotonic() < deadline:
-            time.sleep(1)
-        assert _finished_children(uri, "interrupted"), "the first trial never finished"
-    finally:
-        launched.send_signal(signal.SIGINT)  # Ctrl-C
-        launched.wait(timeout=120)
-    assert launched.returncode == 130
-    assert len(_finished_children(uri, "interrupted")) < 3
-    assert _parents(uri, "interrupted")[0].info.status == "KILLED"
-
-    assert main(["study", "launch", str(path), "--resume"]) == 0
-    parents = _parents(uri, "interrupted")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    _, children = find_study(uri, "interrupted")
-    assert len(children) == 3
-    assert len({child.data.tags["ray.trial_id"] for child in children}) == 3
-    assert all(child.info.status == "FINISHED" for child in children)
-    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-
-
-def _finished_children(uri, name):
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        return []
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        "tags.`guidance_tune.role` = 'trial' and attributes.status = 'FINISHED'",
-    )
-    return runs
-
-
-def _parents(uri, name):
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name(name)
-    return client.search_runs([experiment.experiment_id], "tags.`guidance_tune.role` = 'study'")
+def test_the_study_metric_picks_which_epoch_a_trial_keeps(tmp_path):
+    spec = parse_study_config(study_dict("top1", tmp_path, metric="best/top1"))
+    assert spec.study.mode == "max" and spec.base.train.select_metric == "val/top1"

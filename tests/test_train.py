@@ -48,7 +48,7 @@ def test_resume_from_a_checkpoint_continues_bitwise(tmp_path):
     config = tiny_config()
     uninterrupted = Recorder()
     train(config, uninterrupted)
-    path = save_checkpoint(uninterrupted.checkpoints[0], tmp_path / "epoch0.pt")
+    path = save_checkpoint(uninterrupted.checkpoints[0], tmp_path / "epoch0")
     resumed = Recorder()
     result = train(config, resumed, checkpoint=load_checkpoint(path))
     assert [m["epoch"] for m in resumed.metrics] == [1.0, 2.0]
@@ -99,7 +99,12 @@ def test_every_epoch_reports_the_metrics_a_study_needs():
 def test_a_non_finite_loss_ends_the_run_as_diverged_and_keeps_history():
     config = tiny_config(
         optim={"optimizer": "sgd", "lr": 1e12, "momentum": 0.0},
-        train={"epochs": 3, "max_steps_per_epoch": None, "nonfinite_check_steps": 1},
+        train={
+            "epochs": 3,
+            "max_steps_per_epoch": None,
+            "nonfinite_check_steps": 1,
+            "divergence_factor": None,
+        },
         guidance={"kind": "none"},
     )
     result = train(config)
@@ -107,6 +112,35 @@ def test_a_non_finite_loss_ends_the_run_as_diverged_and_keeps_history():
     assert result.final["diverged"] == 1.0
     assert not math.isfinite(result.final["train/loss"])
     assert len(result.history) < 3
+
+
+def blowing_up(**train_fields):
+    """Adam at lr 1e6: the loss explodes to ~1e12 yet stays finite."""
+    fields = {"epochs": 3, "max_steps_per_epoch": None, **train_fields}
+    return tiny_config(
+        optim={"optimizer": "adam", "lr": 1e6}, train=fields, guidance={"kind": "none"}
+    )
+
+
+def test_a_loss_that_blows_up_but_stays_finite_ends_the_run_as_diverged():
+    result = train(blowing_up())
+    assert result.status == "diverged" and result.final["diverged"] == 1.0
+    assert math.isfinite(result.final["train/loss"]) and result.final["train/loss"] > 1e6
+    assert len(result.history) == 1
+    assert train(blowing_up(divergence_factor=None)).status == "finished"  # the bound did it
+
+
+def test_the_best_epoch_by_the_selection_metric_is_marked_improved():
+    recorder = Recorder()
+    train(tiny_config(train={"epochs": 4, "select_metric": "val/top1"}), recorder)
+    best_so_far = -1.0
+    for epoch, metrics in enumerate(recorder.metrics):
+        improved = metrics["val/top1"] > best_so_far  # strictly: a tie keeps the earlier epoch
+        best_so_far = max(best_so_far, metrics["val/top1"])
+        assert metrics["improved"] == float(improved)
+        best_epoch = max(e for e, m in enumerate(recorder.metrics[: epoch + 1]) if m["improved"])
+        assert metrics["best_epoch"] == best_epoch
+    assert recorder.metrics[-1]["best/top1"] == best_so_far
 
 
 def test_unguided_baseline_builds_no_guide():
