@@ -308,7 +308,9 @@ def summarise(
     uri, metric, mode = tracking.tracking_uri, spec.study.metric, spec.study.mode
     rows = trial_rows(study_children(uri, tracking.experiment_id, parent.run_id), metric)
     ranked = rank_trials(rows, mode, top=None)
-    interrupted = results.num_terminated + results.num_errors < spec.study.num_trials
+    # every trial Tune completed or gave up on has its run closed: one still open was cut off
+    open_runs = open_child_runs(uri, tracking.experiment_id, parent.run_id)
+    interrupted = len(results) < spec.study.num_trials or bool(open_runs)
     summary = {"num_trials": float(len(results)), "num_errors": float(results.num_errors)}
     if ranked:
         summary[f"best_{metric}"] = ranked[0].value

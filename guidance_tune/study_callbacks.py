@@ -20,11 +20,16 @@ from guidance_tune.checkpoint import WEIGHTS_FILE
 from guidance_tune.config import ConfigError
 from guidance_tune.metrics import is_better
 from guidance_tune.outcome import Outcome
-from guidance_tune.tracking import TRIAL_ID_TAG, RunRecord, close_trial_run, open_child_runs
+from guidance_tune.tracking import (
+    STATUS_TAG,
+    TRIAL_ID_TAG,
+    RunRecord,
+    close_trial_run,
+    open_child_runs,
+)
 from guidance_tune.trial import TrialTracking, planned_epochs, trial_config
 
 logger = logging.getLogger(__name__)
-DONE = ("TERMINATED", "ERROR")
 RETRIES_RAN_OUT = (
     "the trial failed and its retries ran out (Ray Tune's error file has the traceback)"
 )
@@ -41,7 +46,7 @@ class ConsoleProgress(Callback):
 
     def _running(self, trials) -> str:
         running = sum(1 for t in trials if t.status == "RUNNING")
-        done = sum(1 for t in trials if t.status in DONE)
+        done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
         return f"[{done} done, {running} running]"
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -91,8 +96,9 @@ def best_weights(trial) -> Iterator[Path | None]:
 
 
 class TrialRecords(Callback):
-    """Closes each trial's run when Tune is done with the trial; after a restore and at the end
-    of the study, settles runs a dead driver left open."""
+    """Closes each trial's run when Tune is done with the trial, and after a restore settles the
+    runs a dead driver left open. Runs of trials an interrupted study cut off stay open here
+    (Tune marks those trials TERMINATED as it stops): the study marks them killed."""
 
     def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
         self.tracking = tracking
@@ -110,16 +116,13 @@ class TrialRecords(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self.close(trial, failure=RETRIES_RAN_OUT)
 
-    def on_experiment_end(self, trials, **info):
-        self.settle(trials)
-
     def close(self, trial, failure: str | None) -> None:
         """Never raises: a run that can't be closed now stays open for :meth:`settle`, and the
         study goes on."""
         try:
             record = self._record(trial)
-            if record.info().info.status != "RUNNING":
-                return
+            if record.info().data.tags.get(STATUS_TAG) not in (None, Outcome.KILLED.value):
+                return  # closed already (a run killed with its study is closed properly now)
             with best_weights(trial) as weights:
                 close_trial_run(
                     record,
@@ -131,12 +134,16 @@ class TrialRecords(Callback):
             logger.exception("could not close the MLflow run of trial %s", trial.trial_id)
 
     def settle(self, trials) -> None:
-        """Close the runs of trials Tune has finished with, and mark runs whose trial Tune no
-        longer knows (lost with a driver killed before Tune saved it) killed."""
+        """For the trials a restored study brings back: close the runs of those Tune had
+        finished (a saved TERMINATED trial completed: Tune saves its state before it stops the
+        trials of an interrupted study), and mark runs whose trial Tune no longer knows (lost
+        with a driver killed before Tune saved it) killed."""
         known = {trial.trial_id: trial for trial in trials}
         for trial in known.values():
-            if trial.status in DONE:
-                self.close(trial, failure=None if trial.status == "TERMINATED" else RETRIES_RAN_OUT)
+            if trial.status == "ERROR":
+                self.close(trial, failure=RETRIES_RAN_OUT)
+            elif trial.status == "TERMINATED":
+                self.close(trial, failure=None)
         for run in open_child_runs(
             self.tracking.tracking_uri, self.tracking.experiment_id, self.tracking.parent_run_id
         ):

@@ -130,13 +130,15 @@ def test_config_json_round_trip_is_exact(tiny_yaml, tmp_path):
     assert parse_run_config(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
-def _record_tiny_run(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    path = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def recorded_store(tmp_path_factory):
+    """A store holding one recorded run, that the failing commands below must leave as is."""
+    folder = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    path = folder / "tiny.yaml"
     path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 1}}))
     assert main(["train", str(path), "--quiet", "--tracking-uri", uri]) == 0
-    run_id = capsys.readouterr().out.split("mlflow run: ")[1].split()[0]
-    return uri, run_id
+    return uri
 
 
 def _runs(uri):
@@ -181,7 +183,7 @@ FAILURES = {
 
 @pytest.mark.parametrize("case", list(FAILURES))
 def test_each_user_error_exits_2_with_a_message_and_writes_nothing(
-    tiny_yaml, tmp_path, capsys, case
+    tiny_yaml, tmp_path, capsys, recorded_store, case
 ):
     if case == "cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -190,9 +192,8 @@ def test_each_user_error_exits_2_with_a_message_and_writes_nothing(
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "weights.pt").write_bytes(b"\x00" * 64)
     (tmp_path / "garbage" / "state.pt").write_bytes(b"\x00" * 64)
-    store = tmp_path / "store"
-    store.mkdir()
-    uri, _ = _record_tiny_run(store, capsys)
+    uri = recorded_store
+    capsys.readouterr()
     before = {run.info.run_id for run in _runs(uri)}
     args, named = FAILURES[case]
     fields = {"tmp": tmp_path, "tiny": tiny_yaml, "uri": uri}
@@ -201,7 +202,7 @@ def test_each_user_error_exits_2_with_a_message_and_writes_nothing(
     assert named in err and len(err.strip().splitlines()) == 1, err
     assert {run.info.run_id for run in _runs(uri)} == before
     written = {p.name for p in tmp_path.iterdir()}
-    assert written == {"a-file", "binary.yaml", "garbage", "store", "tiny.yaml"}
+    assert written == {"a-file", "binary.yaml", "garbage", "tiny.yaml"}
 
 
 def test_rerun_of_a_studys_parent_run_says_to_pick_a_trial(tmp_path, capsys):

@@ -1,0 +1,205 @@
+"""A study interrupted at each point of a trial's life, then resumed: the record stays whole.
+
+The driver runs as a real process on its own local Ray, logging over HTTP to a real
+`mlflow server` through a small proxy that can hold the upload of a best checkpoint, so that a
+test can interrupt the driver exactly while it uploads. Trials are held before their first
+epoch or mid-epoch by the test model in tests/factories.py.
+"""
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from guidance_tune.cli import main
+from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT
+
+from .factories import RELEASE_FILE
+from .test_cluster import free_port, http_ok, start, stop, wait_until
+from .test_study import STEPS, assert_best_checkpoint_is_the_best_epoch, scripted_target, study_dict
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+TRIALS = 2
+
+
+class UploadGate:
+    """An HTTP proxy to the MLflow server that, while closed, holds every upload of a best
+    checkpoint: it signals ``held`` and waits, then forwards it (``forward``) or drops it."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.closed = False
+        self.held = threading.Event()
+        self.opened = threading.Event()
+        self.forward = True
+        gate = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if gate.closed and self.path.endswith(BEST_WEIGHTS_ARTIFACT):
+                    gate.held.set()
+                    gate.opened.wait()
+                    if not gate.forward:
+                        self.close_connection = True
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                request = urllib.request.Request(
+                    gate.upstream + self.path, data=body or None, method=self.command
+                )
+                for key, value in headers.items():
+                    request.add_header(key, value)
+                try:
+                    response = urllib.request.urlopen(request, timeout=60)
+                except urllib.error.HTTPError as error:
+                    response = error
+                payload = response.read()
+                self.send_response(response.status)
+                for key, value in response.headers.items():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = relay
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.closed, self.forward = True, True
+        self.held.clear()
+        self.opened.clear()
+
+    def open(self, forward: bool = True) -> None:
+        self.closed, self.forward = False, forward
+        self.opened.set()
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    server = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        root / "server.log",
+        env,
+    )
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 90, "mlflow server")
+        upload_gate = UploadGate(f"http://127.0.0.1:{port}")
+        yield upload_gate
+        upload_gate.server.shutdown()
+    finally:
+        stop(server)
+
+
+def reap(process: subprocess.Popen) -> None:
+    """A SIGKILLed driver's local Ray leaves agents behind in its process group."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+HOLD_AT = {"before its first epoch": 1, "mid-epoch": STEPS + 2, "during the upload": None}
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("moment", list(HOLD_AT))
+def test_an_interrupted_study_resumes_with_every_trial_recorded_once_and_whole(
+    ray_local, gate, tmp_path, moment, signal_name
+):
+    name = f"cut-{HOLD_AT[moment]}-{signal_name.lower()}"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        name,
+        tmp_path,
+        num_trials=TRIALS,
+        max_concurrent_trials=TRIALS,
+        scheduler={"kind": "fifo"},
+        tracking_uri=gate.url,
+    )
+    spec["target"] = scripted_target(markers, hold_at=HOLD_AT[moment])
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    if moment == "during the upload":
+        gate.close()
+    log = tmp_path / "driver.log"
+    driver = start(
+        [str(BIN / "guidance-tune"), "study", "launch", str(path)],
+        log,
+        {**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        if moment == "during the upload":
+            reached = lambda: gate.held.is_set()  # noqa: E731
+        else:
+            reached = lambda: any(markers.glob("held-*"))  # noqa: E731
+        wait_until(lambda: reached() or driver.poll() is not None, 240, moment)
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(getattr(signal, signal_name))
+        if signal_name == "SIGINT":
+            gate.open(forward=True)  # a Ctrl-C'd driver finishes what it was writing
+            (markers / RELEASE_FILE).touch()  # and its trials need not wait to be stopped
+            driver.wait(timeout=180)
+        else:
+            driver.wait(timeout=30)
+            gate.open(forward=False)  # the killed driver's upload never arrives
+        time.sleep(2)  # what the dead driver's Ray still had in flight
+    finally:
+        stop(driver)
+        reap(driver)
+    (markers / RELEASE_FILE).touch()
+
+    client = mlflow.MlflowClient(gate.url)
+    experiment = client.get_experiment_by_name(name).experiment_id
+    if signal_name == "SIGINT":  # a graceful stop leaves nothing open
+        # 0 where every trial had completed by then (possible during the upload)
+        assert driver.returncode in (0, 130), log.read_text()[-3000:]
+        if moment != "during the upload":
+            assert driver.returncode == 130, log.read_text()[-3000:]
+        assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+    assert main(["study", "launch", str(path), "--resume"]) == 0
+    runs = client.search_runs([experiment])
+    parents = [run for run in runs if run.data.tags["guidance_tune.role"] == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["num_trials"] == TRIALS
+    children = [run for run in runs if run.data.tags["guidance_tune.role"] == "trial"]
+    trial_ids = [child.data.tags["ray.trial_id"] for child in children]
+    assert len(children) == len(set(trial_ids)) == TRIALS
+    for child in children:
+        assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+        assert "error" not in child.data.tags
+        assert_best_checkpoint_is_the_best_epoch(gate.url, child, tmp_path / child.info.run_id)
