@@ -37,12 +37,14 @@ def scripted_fcn(
     marker_dir: str,
     crash_at: int | None = None,
     hold_at: int | None = None,
+    hold_if: str | None = None,
     nan_from: int | None = None,
     **kwargs,
 ) -> nn.Module:
     """A deep FCN that, at its ``crash_at``-th training forward, raises once per trial (a
-    ``crashed-<trial>`` file remembers it); at its ``hold_at``-th writes ``held-<trial>`` and
-    waits until ``marker_dir/release`` exists; from its ``nan_from``-th on outputs NaN."""
+    ``crashed-<trial>`` file remembers it); at its ``hold_at``-th (if ``marker_dir/hold_if``
+    exists, where given) writes ``held-<trial>`` and waits until ``marker_dir/release`` exists;
+    from its ``nan_from``-th on outputs NaN."""
     model = deep_fcn(in_channels, image_size, num_classes, **kwargs)
     markers = Path(marker_dir)
     calls = 0
@@ -56,7 +58,7 @@ def scripted_fcn(
         if calls == crash_at and not (markers / f"crashed-{trial}").exists():
             (markers / f"crashed-{trial}").touch()
             raise RuntimeError(f"injected crash at training call {calls}")
-        if calls == hold_at:
+        if calls == hold_at and (hold_if is None or (markers / hold_if).exists()):
             (markers / f"held-{trial}").touch()
             while not (markers / RELEASE_FILE).exists():
                 time.sleep(0.05)

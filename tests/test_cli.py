@@ -158,6 +158,11 @@ FAILURES = {
         ["train", "{tiny}", "--tracking-uri", "http://127.0.0.1:9"],
         "did not answer",
     ),
+    # its driver missing (as in this venv) or, with psycopg2 installed, nothing listening
+    "PostgreSQL store it can't use": (
+        ["train", "{tiny}", "--tracking-uri", "postgresql+psycopg2://u@127.0.0.1:9/mlflow"],
+        "postgresql+psycopg2://u@127.0.0.1:9/mlflow",
+    ),
     "tracking store in a file's place": (
         ["train", "{tiny}", "--tracking-uri", "sqlite:///{tmp}/a-file/mlflow.db"],
         "cannot create MLflow store",
@@ -258,3 +263,18 @@ def test_two_first_runs_on_a_new_sqlite_store_both_land(tiny_yaml, tmp_path):
     for run in runs:
         assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
     assert sorted(run.data.tags["status"] for run in _runs(uri)) == ["finished", "finished"]
+
+
+def test_rerun_names_the_user_code_its_config_will_run(tmp_path, capsys):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    kwargs = {"depth": 4, "first_width": 32, "width": 32, "marker_dir": str(markers)}
+    config = {**TINY, "target": {"name": "tests.factories:scripted_fcn", "kwargs": kwargs}}
+    path = tmp_path / "user-code.yaml"
+    path.write_text(yaml.safe_dump({**config, "train": {**TINY["train"], "epochs": 1}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", str(path), "--quiet", "--tracking-uri", uri]) == 0
+    run_id = capsys.readouterr().out.split("mlflow run: ")[1].split()[0]
+    assert main(["rerun", run_id, "--tracking-uri", uri, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "imports and runs user code: target.name=tests.factories:scripted_fcn" in err

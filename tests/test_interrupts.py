@@ -203,3 +203,53 @@ def test_an_interrupted_study_resumes_with_every_trial_recorded_once_and_whole(
         assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
         assert "error" not in child.data.tags
         assert_best_checkpoint_is_the_best_epoch(gate.url, child, tmp_path / child.info.run_id)
+
+
+def test_a_trial_lost_with_a_driver_killed_before_tune_saved_it_is_marked_killed(
+    ray_local, gate, tmp_path
+):
+    """Tune saves its trials at its first step, then every 10 s or more: a trial started in
+    between and a driver killed then leave a run whose trial the resumed study never knows."""
+    name = "lost-trial"
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        name, tmp_path, num_trials=2, scheduler={"kind": "fifo"}, tracking_uri=gate.url
+    )
+    spec["target"] = scripted_target(markers, hold_at=1, hold_if="armed")
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    client = mlflow.MlflowClient(gate.url)
+
+    def finished_trials():
+        experiment = client.get_experiment_by_name(name)
+        query = "tags.`guidance_tune.role` = 'trial' and attributes.status = 'FINISHED'"
+        return experiment and client.search_runs([experiment.experiment_id], query)
+
+    env = {**os.environ, "RAY_ADDRESS": "", "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+    driver = start(
+        [str(BIN / "guidance-tune"), "study", "launch", str(path)], tmp_path / "log", env
+    )
+    try:
+        wait_until(lambda: finished_trials() or driver.poll() is not None, 240, "first trial")
+        (markers / "armed").touch()  # the second trial, made after Tune's only save, holds
+        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "hold")
+        assert driver.poll() is None, (tmp_path / "log").read_text()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        stop(driver)
+        reap(driver)
+    (markers / RELEASE_FILE).touch()
+
+    assert main(["study", "launch", str(path), "--resume"]) == 0
+    experiment = client.get_experiment_by_name(name).experiment_id
+    runs = client.search_runs([experiment], "tags.`guidance_tune.role` = 'trial'")
+    lost = [run for run in runs if run.data.tags["status"] == "killed"]
+    kept = [run for run in runs if run not in lost]
+    assert len(lost) == 1 and "lost with the driver" in lost[0].data.tags["error"]
+    assert lost[0].info.status == "KILLED"
+    assert len(kept) == len({run.data.tags["ray.trial_id"] for run in kept}) == 2
+    assert all(run.data.tags["status"] == "finished" for run in kept)
+    (parent,) = client.search_runs([experiment], "tags.`guidance_tune.role` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["num_trials"] == 2
