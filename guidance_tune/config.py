@@ -186,7 +186,7 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         default="bf16", description="bf16 autocast on CUDA; CPU runs always use fp32"
     )
-    nonfinite_check_steps: int = Field(
+    divergence_check_steps: int = Field(
         default=50, ge=1, description="steps between checks for a diverged loss (a host sync)"
     )
     divergence_factor: float | None = Field(

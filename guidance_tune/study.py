@@ -276,15 +276,17 @@ def launch(
         results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
     except BaseException as error:
         outcome = Outcome.KILLED if isinstance(error, KeyboardInterrupt) else Outcome.FAILED
-        _close_open_children(tracking, outcome)
+        _close_open_children(tracking, outcome, f"the study ended with {error!r}")
         parent.close(outcome, error=repr(error))
         raise
     return summarise(spec, tracking, parent, results)
 
 
-def _close_open_children(tracking: TrialTracking, outcome: Outcome) -> None:
+RESUMABLE = "the study was interrupted; continue it with `guidance-tune study launch --resume`"
+
+
+def _close_open_children(tracking: TrialTracking, outcome: Outcome, reason: str) -> None:
     """Runs of trials the study left unfinished: killed (resumable) or failed with it."""
-    reason = "the study was interrupted; continue it with `guidance-tune study launch --resume`"
     for run in open_child_runs(
         tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id
     ):
@@ -317,15 +319,14 @@ def summarise(
         parent.set_tags({"best_run_id": ranked[0].run_id})
     parent.log_metrics(summary)
     if interrupted:
-        _close_open_children(tracking, Outcome.KILLED)
-        parent.close(Outcome.KILLED, error="interrupted: continue with --resume")
+        _close_open_children(tracking, Outcome.KILLED, RESUMABLE)
+        parent.close(Outcome.KILLED, error=RESUMABLE)
     else:
         curves = {
             row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC)
             for row in best_arms(ranked).values()
         }
-        for path, artifact in study_report(rows, curves, metric, mode).items():
-            (parent.log_text if isinstance(artifact, str) else parent.log_figure)(artifact, path)
+        parent.log_artifacts(study_report(rows, curves, metric, mode))
         parent.close(Outcome.FINISHED)
     best = ranked[0] if ranked else None
     return StudyResult(

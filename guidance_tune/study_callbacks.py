@@ -27,7 +27,8 @@ from guidance_tune.tracking import (
     close_trial_run,
     open_child_runs,
 )
-from guidance_tune.trial import TrialTracking, planned_epochs, trial_config
+from guidance_tune.train import planned_epochs
+from guidance_tune.trial import TrialTracking, trial_config
 
 logger = logging.getLogger(__name__)
 RETRIES_RAN_OUT = (
@@ -117,8 +118,8 @@ class TrialRecords(Callback):
         self.close(trial, failure=RETRIES_RAN_OUT)
 
     def close(self, trial, failure: str | None) -> None:
-        """Never raises: a run that can't be closed now stays open for :meth:`settle`, and the
-        study goes on."""
+        """Never raises, so the study goes on: a run that can't be closed now stays open, the
+        study's summary marks it killed, and ``--resume`` closes it properly."""
         try:
             record = self._record(trial)
             if record.info().data.tags.get(STATUS_TAG) not in (None, Outcome.KILLED.value):

@@ -181,11 +181,13 @@ class RunRecord:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self._client.log_dict(self.run_id, data, artifact_file)
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        self._client.log_text(self.run_id, text, artifact_file)
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        self._client.log_figure(self.run_id, figure, artifact_file)
+    def log_artifacts(self, artifacts: dict[str, Any]) -> None:
+        """Artifact path -> text (logged as a file) or matplotlib figure (as an image)."""
+        for path, artifact in artifacts.items():
+            if isinstance(artifact, str):
+                self._client.log_text(self.run_id, artifact, path)
+            else:
+                self._client.log_figure(self.run_id, artifact, path)
 
     def note_error(self, error: BaseException | str) -> None:
         """What ended the run, kept for whoever closes it (a trial's run is closed by the
@@ -235,12 +237,16 @@ def close_trial_run(
     record: RunRecord, *, planned_epochs: int, best_weights: Path | None, failure: str | None
 ) -> Outcome:
     """Close a trial's run from the driver, which outlives the trial process: ``failure`` is
-    Tune's word that the trial errored for good (the trial's own error tag is kept)."""
+    Tune's word that the trial errored for good (the trial's own error tag is kept). A best
+    checkpoint Tune's storage no longer holds is said in the error tag, not skipped quietly."""
     run = record.info()
     if failure is not None:
         outcome, error = Outcome.FAILED, run.data.tags.get(ERROR_TAG, failure)
     else:
         outcome, error = trial_outcome(run.data.metrics, planned_epochs)
+    if best_weights is not None and not best_weights.is_file():
+        error = error or f"the best epoch's checkpoint is gone from {best_weights.parent}"
+        best_weights = None
     record.close(outcome, best_weights=best_weights, error=error)
     return outcome
 

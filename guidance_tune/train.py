@@ -215,7 +215,7 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
         steps += 1
         run.step += 1
         reporter.step(epoch, steps, total)
-        if steps % cfg.nonfinite_check_steps == 0 and loss_diverged(run, sums[0].item() / steps):
+        if steps % cfg.divergence_check_steps == 0 and loss_diverged(run, sums[0].item() / steps):
             break
         if steps == total:
             break
@@ -316,14 +316,19 @@ def restore(run: Run, checkpoint: Checkpoint) -> None:
     set_rng_state(checkpoint["rng"])
 
 
+def planned_epochs(config: RunConfig) -> int:
+    """Epochs the run trains: all of them, or the first ``stop_after_epochs`` (a rerun of a
+    trial that a scheduler stopped)."""
+    return min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
+
+
 def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
     """The loop over epochs, from ``run.epoch`` (0, or where a restored checkpoint left off)."""
     reporter = reporter or Reporter()
     config = run.config
     if run.epoch == 0 and config.noise_warmup.steps > 0:
         run_noise_warmup(run)
-    end = min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
-    for epoch in range(run.epoch, end):
+    for epoch in range(run.epoch, planned_epochs(config)):
         started = time.perf_counter()
         metrics = train_one_epoch(run, epoch, reporter)
         diverged = loss_diverged(run, metrics["train/loss"])

@@ -61,10 +61,6 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
     return parse_run_config(set_fields(base, params), source="trial parameters")
 
 
-def planned_epochs(config: RunConfig) -> int:
-    return min(config.train.epochs, config.train.stop_after_epochs or config.train.epochs)
-
-
 class TuneReporter(Reporter):
     """Logs an epoch to MLflow, then reports it to Tune with the epoch's checkpoint."""
 

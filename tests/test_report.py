@@ -21,10 +21,8 @@ def log_report(uri: str, parent_id: str) -> list[str]:
     _, children = find_study(uri, STUDY)
     rows = trial_rows(children, "best/loss")
     curves = {row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC) for row in rows}
-    parent = RunRecord(uri, parent_id)
     artifacts = study_report(rows, curves, "best/loss", "min")
-    for path, artifact in artifacts.items():
-        (parent.log_text if isinstance(artifact, str) else parent.log_figure)(artifact, path)
+    RunRecord(uri, parent_id).log_artifacts(artifacts)
     return list(artifacts)
 
 

@@ -102,7 +102,7 @@ def test_a_non_finite_loss_ends_the_run_as_diverged_and_keeps_history():
         train={
             "epochs": 3,
             "max_steps_per_epoch": None,
-            "nonfinite_check_steps": 1,
+            "divergence_check_steps": 1,
             "divergence_factor": None,
         },
         guidance={"kind": "none"},
