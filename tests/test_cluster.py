@@ -2,93 +2,25 @@
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
+from .processes import free_port, start, stop, wait_until
 from .test_study import study_dict
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start(args, log: Path, env) -> subprocess.Popen:
-    # own session so teardown stops this process tree only, never the tests' own Ray
-    return subprocess.Popen(
-        args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def wait_until(check, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} did not come up within {seconds} s")
-
-
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def env():
     return {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, env):
-    port = free_port()
-    server = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        tmp_path / "mlflow-server.log",
-        env,
-    )
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 90, "mlflow server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(server)
 
 
 @pytest.fixture
@@ -124,9 +56,7 @@ def two_node_cluster(tmp_path, env):
         wait_until(lambda: _node_count(address, env) == 2, 90, "second node")
         yield address
     finally:
-        for process in (worker, head):
-            if process is not None:
-                stop(process)
+        stop(worker, head)
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 

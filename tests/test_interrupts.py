@@ -25,7 +25,7 @@ from guidance_tune.cli import main
 from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT
 
 from .factories import RELEASE_FILE
-from .test_cluster import free_port, http_ok, start, stop, wait_until
+from .processes import start, stop, wait_until
 from .test_study import STEPS, assert_best_checkpoint_is_the_best_epoch, scripted_target, study_dict
 
 pytestmark = pytest.mark.slow
@@ -94,33 +94,10 @@ class UploadGate:
 
 
 @pytest.fixture(scope="module")
-def gate(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    server = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root}/server.db",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        root / "server.log",
-        env,
-    )
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 90, "mlflow server")
-        upload_gate = UploadGate(f"http://127.0.0.1:{port}")
-        yield upload_gate
-        upload_gate.server.shutdown()
-    finally:
-        stop(server)
+def gate(mlflow_server):
+    upload_gate = UploadGate(mlflow_server)
+    yield upload_gate
+    upload_gate.server.shutdown()
 
 
 def reap(process: subprocess.Popen) -> None:
