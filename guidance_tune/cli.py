@@ -64,13 +64,8 @@ def _train(args: argparse.Namespace) -> int:
         print_summary,
         train_recorded,
     )
-    from guidance_tune.tracking import (
-        ROLE_TAG,
-        RunRecord,
-        check_store,
-        ensure_experiment,
-        resolve_tracking_uri,
-    )
+    from guidance_tune.tracking import ROLE_TAG, RunRecord, ensure_experiment
+    from guidance_tune.tracking_store import check_store, resolve_tracking_uri
     from guidance_tune.train import build_run
 
     config = load_run_config(args.config, args.overrides)

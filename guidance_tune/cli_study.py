@@ -113,7 +113,7 @@ def _best(args: argparse.Namespace) -> int:
         trial_rows,
         varying_params,
     )
-    from guidance_tune.tracking import check_store, resolve_tracking_uri
+    from guidance_tune.tracking_store import check_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_store(uri, create=False)
@@ -140,10 +140,9 @@ def _rerun(args: argparse.Namespace) -> int:
         RERUN_OF_TAG,
         ROLE_TAG,
         RunRecord,
-        check_store,
         load_run_config_from_mlflow,
-        resolve_tracking_uri,
     )
+    from guidance_tune.tracking_store import check_store, resolve_tracking_uri
     from guidance_tune.train import build_run
 
     uri = resolve_tracking_uri(args.tracking_uri)

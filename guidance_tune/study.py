@@ -26,12 +26,11 @@ from guidance_tune.tracking import (
     ROLE_TAG,
     STUDY_TAG,
     RunRecord,
-    check_store,
     ensure_experiment,
     git_commit,
     open_child_runs,
-    resolve_tracking_uri,
 )
+from guidance_tune.tracking_store import check_store, resolve_tracking_uri
 from guidance_tune.trial import TrialTracking, run_trial, trial_config
 
 

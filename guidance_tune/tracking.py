@@ -23,9 +23,7 @@ from typing import Any
 
 from guidance_tune.config import ConfigError, RunConfig, config_to_dict, parse_run_config
 from guidance_tune.outcome import Outcome
-from guidance_tune.tracking_store import check_store, prepare_store, resolve_tracking_uri
-
-__all__ = ["RunRecord", "check_store", "resolve_tracking_uri"]
+from guidance_tune.tracking_store import prepare_store
 
 CONFIG_ARTIFACT = "config.json"
 BEST_WEIGHTS_ARTIFACT = "checkpoints/best.pt"
