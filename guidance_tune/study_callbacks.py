@@ -123,7 +123,8 @@ class TrialRecords(Callback):
         try:
             record = self._record(trial)
             if record.info().data.tags.get(STATUS_TAG) not in (None, Outcome.KILLED.value):
-                return  # closed already (a run killed with its study is closed properly now)
+                return  # closed already (a run killed with its study is closed properly now);
+                # checked first: on cloud storage, best_weights downloads the checkpoint
             with best_weights(trial) as weights:
                 close_trial_run(
                     record,
