@@ -160,7 +160,7 @@ class TrialRecords(Callback):
         """The trial's run; one is made for a trial that died before it could make its own."""
         tags = self.tracking.trial_tags(trial.trial_id)
         uri, experiment = self.tracking.tracking_uri, self.tracking.experiment_id
-        found = RunRecord.find(uri, experiment, tags)
+        found = RunRecord.find_trial(uri, experiment, tags)
         return found or RunRecord.start(
             uri, experiment, self.tracking.trial_name(trial.trial_id), tags
         )

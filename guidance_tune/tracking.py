@@ -124,14 +124,21 @@ class RunRecord:
         name: str,
         config: RunConfig,
     ) -> RunRecord:
-        """The run of the trial that ``tags`` name (parent and trial id), reopened, or a new one:
-        a trial has exactly one run however often it is retried, restored or interrupted."""
-        identity = {key: tags[key] for key in (PARENT_TAG, TRIAL_ID_TAG)}
-        found = cls.find(tracking_uri, experiment_id, identity)
+        """The run of the trial that ``tags`` name, reopened, or a new one: a trial has exactly
+        one run however often it is retried, restored or interrupted."""
+        found = cls.find_trial(tracking_uri, experiment_id, tags)
         if found is None:
             return cls.start(tracking_uri, experiment_id, name, tags, config)
         found.reopen()
         return found
+
+    @classmethod
+    def find_trial(
+        cls, tracking_uri: str, experiment_id: str, tags: dict[str, str]
+    ) -> RunRecord | None:
+        """A trial's run is the one with its parent and Tune trial id, whatever else it carries."""
+        identity = {key: tags[key] for key in (PARENT_TAG, TRIAL_ID_TAG)}
+        return cls.find(tracking_uri, experiment_id, identity)
 
     def info(self):
         return self._client.get_run(self.run_id)
