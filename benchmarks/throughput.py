@@ -62,7 +62,7 @@ def arms(args: argparse.Namespace, gpus: int) -> list[dict]:
 
 
 def study_spec(args: argparse.Namespace, arm: dict, scratch: Path):
-    from guidance_tune.study import load_study
+    from guidance_tune.study_spec import load_study
 
     overrides = {
         "name": "throughput",

@@ -10,7 +10,8 @@ shared storage (a Tune ``storage_path``, a colleague's run) can hold tensors but
 - ``weights.pt``: the target's weights after that epoch, with the epoch and its metrics. It is
   what a user loads (``target.weights`` accepts it) and what MLflow keeps, for the best epoch,
   as ``checkpoints/best.pt``: the weights alone, without the optimiser's two extra copies.
-- ``state.pt``: the rest of what resuming needs (optimiser, lr schedule, RNG, history, best).
+- ``state.pt``: the rest of what resuming needs (optimiser, lr schedule, RNG, history, best;
+  the best epoch's weights too in a run that evaluates them on test at its end).
 """
 
 from __future__ import annotations

@@ -39,6 +39,25 @@ def add_study_commands(commands) -> None:
     best.add_argument("--export", type=Path, help="write the winner's config here (YAML)")
     best.set_defaults(handler=_best)
 
+    confirm = actions.add_parser(
+        "confirm", help="rerun a finished search's winners with fresh seeds, on the test split"
+    )
+    confirm.add_argument("name", help="study name")
+    confirm.add_argument("--top", type=int, default=1, help="best guided configs (default 1)")
+    confirm.add_argument("--seeds", type=int, default=3, help="fresh seeds each (default 3)")
+    confirm.add_argument("--address", help="join this Ray cluster ('auto', host:port)")
+    confirm.add_argument("--tracking-uri")
+    confirm.add_argument("--experiment", help="MLflow experiment (default: the study name)")
+    confirm.set_defaults(handler=_confirm)
+
+    table = actions.add_parser(
+        "table", help="the seed table (mean +- std on test) of arms or confirmed studies"
+    )
+    table.add_argument("names", nargs="+", metavar="NAME", help="study names")
+    table.add_argument("--tracking-uri")
+    table.add_argument("--experiment", help="MLflow experiment (default: each study's name)")
+    table.set_defaults(handler=_table)
+
     rerun = commands.add_parser("rerun", help="rerun a trial standalone (no Ray) from its run id")
     rerun.add_argument("run_id")
     rerun.add_argument("--epochs", type=int)
@@ -61,25 +80,31 @@ def add_overrides_option(parser, example: str) -> None:
 
 
 def _load(args):
-    from guidance_tune.study import load_study
+    from guidance_tune.study_spec import load_study
 
     return load_study(args.spec, args.overrides)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from guidance_tune.study import check_space
+    from guidance_tune.study_spec import check_study
 
     spec = _load(args)
-    check_space(spec)
+    check_study(spec)
+    settings = spec.study
+    if settings.arms is not None:
+        size = f"{len(settings.arms.arms)} arms x {settings.arms.seeds} seeds"
+    else:
+        size = f"{settings.num_trials} trials"
     print(
-        f"{args.spec}: study {spec.base.name!r} is valid ({spec.study.num_trials} trials, "
-        f"space {spec.study.space!r}, {spec.study.metric} {spec.study.mode})"
+        f"{args.spec}: study {spec.base.name!r} is valid ({size}, space {settings.space!r}, "
+        f"{settings.metric} {settings.mode})"
     )
     return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from guidance_tune.study import launch, smoke
+    from guidance_tune.study import launch
+    from guidance_tune.study_spec import smoke
 
     spec = _load(args)
     if args.smoke_test:
@@ -90,6 +115,10 @@ def _launch(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted: continue with `guidance-tune study launch {args.spec} --resume`")
         return 130
+    if result.seed_table is not None:
+        print(f"\n{result.seed_table}")
+    if spec.study.arms is not None:
+        return 0 if result.seed_table is not None else 1
     if result.best_run_id is None:
         print("no trial reported the metric")
         return 1
@@ -110,6 +139,7 @@ def _best(args: argparse.Namespace) -> int:
         find_study,
         format_rows,
         rank_trials,
+        ranked_runs,
         trial_rows,
         varying_params,
     )
@@ -121,13 +151,71 @@ def _best(args: argparse.Namespace) -> int:
         require_writable(args.export, "--export")
     _, children = find_study(uri, args.name, args.experiment)
     mode = args.mode or direction(args.metric)
-    rows = rank_trials(trial_rows(children, args.metric), mode, top=None)
+    rows = rank_trials(trial_rows(ranked_runs(children), args.metric), mode, top=None)
     params = varying_params(rows)
     print(format_rows(rows[: args.top], params, args.metric, args.format))
     if args.export and rows:
         path = export_config(uri, rows[0].run_id, args.export)
         # stderr: stdout stays the table, or JSON/YAML a script can parse
         print(f"winner's config written to {path}", file=sys.stderr)
+    return 0
+
+
+def _study_record(args: argparse.Namespace, name: str):
+    """A recorded study: its spec (``study.json``), parent RunRecord and trial tracking."""
+    from guidance_tune.results import find_study
+    from guidance_tune.tracking import RunRecord, load_study_from_mlflow
+    from guidance_tune.tracking_store import check_store, resolve_tracking_uri
+    from guidance_tune.trial import TrialTracking
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_store(uri, create=False)
+    parent_run, _ = find_study(uri, name, args.experiment)
+    spec = load_study_from_mlflow(uri, parent_run.info.run_id)
+    tracking = TrialTracking(
+        uri,
+        parent_run.info.experiment_id,
+        parent_run.info.run_id,
+        spec.base.name,
+        spec.study.metric,
+        spec.study.mode,
+    )
+    return spec, RunRecord(uri, parent_run.info.run_id), tracking
+
+
+def _confirm(args: argparse.Namespace) -> int:
+    from guidance_tune.config import ConfigError
+    from guidance_tune.study import confirm, connect
+    from guidance_tune.study_spec import check_resources
+
+    if args.top < 1 or args.seeds < 2:
+        raise ConfigError("--top must be >= 1 and --seeds >= 2 (an interval needs 2 seeds)")
+    spec, parent, tracking = _study_record(args, args.name)
+    if spec.study.arms is not None:
+        raise ConfigError(
+            f"study {args.name!r} is an arms study: its seeds are on test already "
+            f"(guidance-tune study table {args.name})"
+        )
+    connect(args.address)
+    check_resources(spec)
+    table = confirm(spec, tracking, parent, args.top, args.seeds)
+    if table is None:
+        print(f"interrupted: run `guidance-tune study confirm {args.name}` again to finish")
+        return 130
+    print(f"\n{table}")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from guidance_tune.stages import report_seeds
+
+    for name in args.names:
+        spec, parent, tracking = _study_record(args, name)
+        table = report_seeds(spec, tracking, parent)
+        if table is None:
+            print(f"study {name}: no finished seed runs yet (launch an arms study, or confirm)")
+            continue
+        print(f"study {name}\n{table}\n")
     return 0
 
 

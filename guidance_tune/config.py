@@ -9,6 +9,9 @@ Ray's per-trial working directories, where a relative path would point elsewhere
 A config is code: a model name ``package.module:factory`` imports that module and calls the
 factory, so run configs (and the ``config.json`` of an MLflow run that ``rerun`` replays) are
 trusted input, like a Python script. Checkpoints, by contrast, hold tensors only.
+
+This module holds one run; a study file (a base run plus ``study:``) is typed in
+:mod:`guidance_tune.study_config`.
 """
 
 from __future__ import annotations
@@ -24,22 +27,19 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    field_validator,
     model_validator,
 )
-
-from guidance_tune.metrics import REPORTED_METRICS, direction, selection_metric
 
 
 class ConfigError(ValueError):
     """Bad user input: the message names the field and the fix. The CLI exits 2 on it."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """A network built by name: ours (``deep_fcn``), torchvision's (``resnet18``) or a user
     factory (``package.module:factory``). The guide is declared exactly like the target."""
 
@@ -63,7 +63,7 @@ DEFAULT_DATA_ROOTS = {
 }
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     name: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = (
         "synthetic"
     )
@@ -78,8 +78,12 @@ class DataConfig(_Strict):
     val_fraction: float = Field(
         default=0.1, gt=0, lt=1, description="share of the training set held out for validation"
     )
-    use_test_split: bool = Field(
-        default=False, description="validate on the official test split instead of a held-out part"
+    test_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="share held out as the test split where the dataset has none (digits, "
+        "synthetic has its own); never seen by a search",
     )
     split_seed: int = Field(default=0, description="seed of the train/val split and subset")
     image_size: int | None = Field(
@@ -91,6 +95,20 @@ class DataConfig(_Strict):
     synthetic_size: int = Field(default=32, ge=12, description="synthetic: canvas side in pixels")
     num_workers: int = Field(default=4, ge=0, description="imagefolder only: loader processes")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_selection_on_test(cls, data: Any) -> Any:
+        """``use_test_split: true`` selected runs on the test split; older run records carry
+        ``false``, which means what every run now does and is dropped."""
+        if isinstance(data, dict) and "use_test_split" in data:
+            data = dict(data)
+            if data.pop("use_test_split"):
+                raise ValueError(
+                    "data.use_test_split is gone: runs select on val (held out of train) and "
+                    "test is read only by `study confirm` and arms studies; remove it"
+                )
+        return data
+
     @model_validator(mode="after")
     def _usual_root(self) -> DataConfig:
         """The default root is written into the config, so that it can be made absolute where
@@ -100,7 +118,7 @@ class DataConfig(_Strict):
         return self
 
 
-class GuidanceConfig(_Strict):
+class GuidanceConfig(StrictModel):
     """What is added to the task loss. ``kind: none`` is the unguided baseline."""
 
     kind: Literal["alignment", "distillation", "none"] = "alignment"
@@ -130,7 +148,7 @@ class GuidanceConfig(_Strict):
     temperature: float = Field(default=4.0, gt=0, description="distillation softmax temperature")
 
 
-class NoiseWarmupConfig(_Strict):
+class NoiseWarmupConfig(StrictModel):
     """A phase of ``steps`` steps before training in which the guide sees noise."""
 
     steps: int = Field(default=0, ge=0, description="length of the noise phase; 0 disables it")
@@ -155,7 +173,7 @@ class NoiseWarmupConfig(_Strict):
         return self
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -165,7 +183,7 @@ class OptimConfig(_Strict):
     gamma: float = Field(default=0.1, gt=0, le=1, description="step schedule: decay factor")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     epochs: int = Field(default=5, ge=1)
     batch_size: int = Field(default=256, ge=1, description="also the CKA sample size")
     eval_batch_size: int = Field(default=1024, ge=1)
@@ -200,9 +218,14 @@ class TrainConfig(_Strict):
         description="the validation metric whose best epoch is the run's best (its weights are "
         "kept as checkpoints/best.pt); a study sets it from study.metric",
     )
+    evaluate_test: bool = Field(
+        default=False,
+        description="after the last epoch, evaluate the best epoch's weights on the test split "
+        "(test/loss, test/top1, test/top5); confirmation and arms runs set it, a search never",
+    )
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     """One training run: what a standalone run, a rerun and every study trial execute."""
 
     name: str = "run"
@@ -236,91 +259,7 @@ class RunConfig(_Strict):
         return self
 
 
-class SchedulerConfig(_Strict):
-    """ASHA early stopping; ``max_t`` is the run's epochs (one report per epoch)."""
-
-    kind: Literal["asha", "fifo"] = Field(default="asha", description="fifo: no early stopping")
-    grace_period: int = Field(default=1, ge=1, description="epochs every trial gets")
-    reduction_factor: float = Field(default=2.0, gt=1)
-
-
-class ResourcesConfig(_Strict):
-    cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per trial")
-    gpus: float = Field(
-        default=0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on one GPU"
-    )
-
-
-class StudySettings(_Strict):
-    """How a study searches: the ``study:`` section of a study file."""
-
-    space: str = Field(default="guidance", description="search space name (search_spaces/)")
-    space_options: dict[str, Any] = Field(
-        default_factory=dict, description="keyword options of the search space"
-    )
-    num_trials: int = Field(default=8, ge=1)
-    metric: str = Field(default="best/loss", description="reported metric the search optimises")
-    mode: Literal["min", "max"] | None = Field(
-        default=None, description="min or max; unset: the metric's own direction"
-    )
-    startup_trials: int | None = Field(
-        default=None, ge=1, description="random trials before TPE; None: a third of num_trials"
-    )
-    baseline_first: bool = Field(
-        default=True, description="evaluate the unguided baseline as the first trial"
-    )
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    max_concurrent_trials: int | None = Field(default=None, ge=1)
-    max_failures: int = Field(default=1, ge=-1, description="retries per trial; -1: unlimited")
-    seed: int = Field(default=0, description="seed of the sampler")
-    tracking_uri: str | None = Field(
-        default=None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db"
-    )
-    experiment: str | None = Field(default=None, description="MLflow experiment; None: the name")
-    storage_path: str = Field(
-        default="ray_results", description="Ray Tune results: local dir or a shared/cloud URI"
-    )
-
-    @field_validator("metric")
-    @classmethod
-    def _metric_is_reported(cls, metric: str) -> str:
-        if metric not in REPORTED_METRICS:
-            raise ValueError(
-                f"{metric!r} is never reported by a trial: use one of {', '.join(REPORTED_METRICS)}"
-                " (rank by best/... to score each trial by its best epoch)"
-            )
-        return metric
-
-    @model_validator(mode="after")
-    def _mode_follows_metric(self) -> StudySettings:
-        natural = direction(self.metric)
-        if self.mode is None:
-            self.mode = natural
-        elif self.mode != natural:
-            raise ValueError(
-                f"study.mode is {self.mode} but {self.metric} is better when "
-                f"{'lower' if natural == 'min' else 'higher'}: set study.mode to {natural} or "
-                "leave it out"
-            )
-        return self
-
-
-class StudyConfig(_Strict):
-    """A study file: the base run every trial starts from, and how to search around it."""
-
-    base: RunConfig
-    study: StudySettings
-
-    @model_validator(mode="after")
-    def _best_epoch_follows_metric(self) -> StudyConfig:
-        """A trial's kept checkpoint must be the epoch its study metric ranks it by."""
-        if (selected := selection_metric(self.study.metric)) is not None:
-            self.base.train.select_metric = selected
-        return self
-
-
-def _describe(error: ValidationError, source: str) -> str:
+def describe_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -335,7 +274,7 @@ def parse_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+        raise ConfigError(describe_errors(error, source)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -418,27 +357,6 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     data = apply_overrides(read_yaml(path), overrides or [])
     data.pop("study", None)
     return resolve_paths(parse_run_config(data, source=str(path)))
-
-
-def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConfig:
-    data = dict(data)
-    settings = data.pop("study", None)
-    if not isinstance(settings, dict):
-        raise ConfigError(
-            f"invalid study ({source}): add a 'study:' section (space, num_trials ...)"
-        )
-    try:
-        return StudyConfig(base=RunConfig.model_validate(data), study=settings)
-    except ValidationError as error:
-        message = _describe(error, source).replace("  base.", "  ")
-        raise ConfigError(message) from None
-
-
-def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    """A study file: run sections at the top level (as for ``train``) plus ``study:``."""
-    data = apply_overrides(read_yaml(path), overrides or [])
-    spec = parse_study_config(data, source=str(path))
-    return spec.model_copy(update={"base": resolve_paths(spec.base)})
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Train/val splits and their batches, for every dataset named in :class:`DataConfig`.
+"""Train/val/test splits and their batches, for every dataset named in :class:`DataConfig`.
+
+Three disjoint splits, always: train (fitted), val (held out of the training set: what a
+search, ASHA and the best epoch see) and test (the official test split where the dataset has
+one, else a second held-out part). Nothing in a search reads test; it is evaluated once, on the
+best-val weights, by the runs that ask for it (``train.evaluate_test``: confirmation and arms).
 
 Small datasets live whole on the training device (as in airbench and hlb-CIFAR10): a batch is
 an index tensor, and normalisation, augmentation and resizing run there, vectorised. Only
@@ -44,6 +49,7 @@ class BatchSource(Protocol):
 class DataSplits:
     train: BatchSource
     val: BatchSource
+    test: BatchSource
     in_channels: int
     image_size: int
     num_classes: int
@@ -60,15 +66,31 @@ def count_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
-def split_indices(n: int, config: DataConfig, *, hold_out: bool) -> tuple[Tensor, Tensor]:
-    """Seeded ``(train, val)`` indices into the official training set of size ``n``.
+@dataclass(frozen=True)
+class SplitIndices:
+    """Sorted indices into the official training set; ``test`` is None where the dataset's
+    own test split is the test split."""
 
-    ``hold_out`` puts ``val_fraction`` of it into val (otherwise val is empty: the caller
-    validates elsewhere). ``n_train`` then keeps a prefix of the shuffled training part, so a
-    smaller subset is contained in a larger one for the same ``split_seed``."""
+    train: Tensor
+    val: Tensor
+    test: Tensor | None
+
+
+def split_indices(n: int, config: DataConfig, *, has_test_split: bool) -> SplitIndices:
+    """Seeded, disjoint splits of the official training set of size ``n``.
+
+    Without an official test split, ``test_fraction`` of it is held out as test first, then
+    ``val_fraction`` as val. ``n_train`` keeps a prefix of the shuffled rest, so a smaller
+    subset is contained in a larger one, and val and test do not change with it."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.split_seed))
-    n_val = min(n - 1, max(1, round(n * config.val_fraction))) if hold_out else 0
-    train, val = order[n_val:], order[:n_val]
+    n_test = 0 if has_test_split else _held_out(n, config.test_fraction)
+    n_val = _held_out(n, config.val_fraction)
+    if n_test + n_val >= n:
+        raise ConfigError(
+            f"data.val_fraction and data.test_fraction leave no training sample of the {n} in "
+            f"{config.name}: lower them"
+        )
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     if config.n_train is not None:
         if config.n_train > len(train):
             raise ConfigError(
@@ -76,7 +98,13 @@ def split_indices(n: int, config: DataConfig, *, hold_out: bool) -> tuple[Tensor
                 f"samples of {config.name}: lower data.n_train or data.val_fraction"
             )
         train = train[: config.n_train]
-    return train.sort().values, val.sort().values
+    return SplitIndices(
+        train.sort().values, val.sort().values, None if has_test_split else test.sort().values
+    )
+
+
+def _held_out(n: int, fraction: float) -> int:
+    return max(1, round(n * fraction))
 
 
 def crop_padding(side: int) -> int:
@@ -153,36 +181,41 @@ def channel_stats(images: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def load_data(config: DataConfig, device: torch.device) -> DataSplits:
-    """Read, split and place a dataset on ``device``; both splits are normalised with the
-    statistics of the training part, so validation sees what training saw."""
+    """Read, split and place a dataset on ``device``; every split is normalised with the
+    statistics of the training part, so val and test see what training saw."""
     if config.name == "imagefolder":
         return load_imagefolder(config, device)
     raw = READERS[config.name](config)
-    train_index, val_index = split_indices(
-        len(raw.train_labels), config, hold_out=not config.use_test_split
-    )
-    if config.use_test_split:
-        if raw.test_images is None or raw.test_labels is None:
-            raise ConfigError(
-                f"data.use_test_split: {config.name} has no official test split; set it to "
-                "false to hold out data.val_fraction of the training set"
-            )
-        val_images, val_labels = raw.test_images, raw.test_labels
+    has_test_split = raw.test_images is not None and raw.test_labels is not None
+    index = split_indices(len(raw.train_labels), config, has_test_split=has_test_split)
+    if index.test is None:
+        test_images, test_labels = raw.test_images, raw.test_labels
     else:
-        val_images, val_labels = raw.train_images[val_index], raw.train_labels[val_index]
-    train_images = raw.train_images[train_index].to(device)
+        test_images, test_labels = raw.train_images[index.test], raw.train_labels[index.test]
+    train_images = raw.train_images[index.train].to(device)
     stats = channel_stats(train_images)
     resize = {"image_size": config.image_size}
+
+    def held_out(images: Tensor, labels: Tensor) -> TensorSource:
+        return TensorSource(images.to(device), labels.to(device), stats, **resize, augment=False)
+
     train = TensorSource(
         train_images,
-        raw.train_labels[train_index].to(device),
+        raw.train_labels[index.train].to(device),
         stats,
         **resize,
         augment=config.augment,
     )
-    val = TensorSource(val_images.to(device), val_labels.to(device), stats, **resize, augment=False)
+    val = held_out(raw.train_images[index.val], raw.train_labels[index.val])
     _, channels, side, _ = train_images.shape
-    return DataSplits(train, val, channels, config.image_size or side, raw.num_classes)
+    return DataSplits(
+        train,
+        val,
+        held_out(test_images, test_labels),
+        channels,
+        config.image_size or side,
+        raw.num_classes,
+    )
 
 
 def sample_batch(splits: DataSplits, n: int) -> Tensor:
@@ -260,15 +293,19 @@ def _imagefolder_transforms(size: int, augment: bool) -> tuple[object, object]:
 
 
 def load_imagefolder(config: DataConfig, device: torch.device) -> DataSplits:
-    """``root/train/<class>/*`` and ``root/val/<class>/*``; val is always the val folder."""
+    """``root/train/<class>/*`` and ``root/val/<class>/*``: val is held out of train/ (and
+    transformed like evaluation data), test is the val/ folder (ImageNet's published split)."""
     from torchvision.datasets import ImageFolder
 
     if config.root is None:
         raise ConfigError("data.root must be set for imagefolder (a folder with train/ and val/)")
     size = config.image_size or 224
+    train_transform, eval_transform = _imagefolder_transforms(size, config.augment)
     folders = []
-    for split, transform in zip(
-        ("train", "val"), _imagefolder_transforms(size, config.augment), strict=True
+    for split, transform in (
+        ("train", train_transform),
+        ("train", eval_transform),
+        ("val", eval_transform),
     ):
         path = config.root / split
         if not path.is_dir():
@@ -277,13 +314,15 @@ def load_imagefolder(config: DataConfig, device: torch.device) -> DataSplits:
             folders.append(ImageFolder(str(path), transform=transform))
         except FileNotFoundError as error:
             raise ConfigError(f"data.root {config.root}: {error}") from None
-    train, val = folders
-    if train.classes != val.classes:
+    train, train_for_eval, test = folders
+    if train.classes != test.classes:
         raise ConfigError(f"data.root {config.root}: train/ and val/ hold different class folders")
-    train_index, _ = split_indices(len(train), config, hold_out=False)
+    index = split_indices(len(train), config, has_test_split=True)
+    workers = config.num_workers
     return DataSplits(
-        ImageFolderSource(train, train_index, device, config.num_workers),
-        ImageFolderSource(val, torch.arange(len(val)), device, config.num_workers),
+        ImageFolderSource(train, index.train, device, workers),
+        ImageFolderSource(train_for_eval, index.val, device, workers),
+        ImageFolderSource(test, torch.arange(len(test)), device, workers),
         in_channels=3,
         image_size=size,
         num_classes=len(train.classes),

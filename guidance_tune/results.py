@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from guidance_tune.metrics import Mode, best_first
 from guidance_tune.tracking import (
     PARENT_TAG,
     ROLE_TAG,
+    STAGE_TAG,
     STATUS_TAG,
     STUDY_TAG,
     load_run_config_from_mlflow,
@@ -43,6 +44,7 @@ class TrialRow:
     value: float
     params: dict[str, str]
     metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 def _all_pages(search: Callable[[str | None], Any]) -> list:
@@ -109,6 +111,17 @@ def study_children(tracking_uri: str, experiment_id: str, parent_run_id: str) ->
     return _search_runs(client, [experiment_id], f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
 
 
+def stage_of(run: Run) -> str:
+    """A child run's stage; runs recorded before stages existed were search trials."""
+    return run.data.tags.get(STAGE_TAG, "search")
+
+
+def ranked_runs(children: list[Run]) -> list[Run]:
+    """The runs a study is ranked by: its search trials, or an arms study's seed runs."""
+    search = [run for run in children if stage_of(run) == "search"]
+    return search or [run for run in children if stage_of(run) == "arms"]
+
+
 def trial_row(run: Run, metric: str) -> TrialRow:
     """The trial's status is our tag (an Outcome); while it runs, MLflow's."""
     tags = run.data.tags
@@ -119,6 +132,7 @@ def trial_row(run: Run, metric: str) -> TrialRow:
         value=run.data.metrics.get(metric, math.nan),
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
+        tags=dict(tags),
     )
 
 
@@ -147,6 +161,27 @@ def format_value(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
+# Accuracy beside the ranking metric in ``study best``: a loss alone does not say how good.
+ACCURACY_COLUMN = "best/top1"
+
+
+def param_cell(row: TrialRow, key: str) -> str:
+    """A param as the table shows it: blank where it does nothing (a guidance setting of an
+    unguided trial), numbers to 4 significant digits (MLflow keeps the full value)."""
+    if row.params.get("guidance.kind") == "none" and key.startswith("guidance."):
+        return "" if key != "guidance.kind" else "none"
+    value = row.params.get(key, "-")
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if any(c in value for c in ".eE") else value
+
+
+def shown_metrics(metric: str) -> list[str]:
+    return [metric] + ([ACCURACY_COLUMN] if metric != ACCURACY_COLUMN else [])
+
+
 def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell, for a terminal."""
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=True)]
@@ -160,11 +195,13 @@ def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     return "\n".join([render(header), rule, *(render(line) for line in lines)])
 
 
-def table_lines(rows: list[TrialRow], params: Sequence[str]) -> list[list[str]]:
-    """One list of cells per row: rank, short run id, name, status, value, the params."""
+def table_lines(rows: list[TrialRow], params: Sequence[str], metric: str) -> list[list[str]]:
+    """One list of cells per row: rank, short run id, name, status, the ranking metric and the
+    accuracy, the params."""
     return [
         [str(rank), row.run_id[:8], row.name, row.status, format_value(row.value)]
-        + [row.params.get(key, "-") for key in params]
+        + [format_value(row.metrics.get(key, math.nan)) for key in shown_metrics(metric)[1:]]
+        + [param_cell(row, key) for key in params]
         for rank, row in enumerate(rows, start=1)
     ]
 
@@ -177,7 +214,8 @@ def format_rows(
         if not rows:
             return f"no trial reported {metric}"
         return text_table(
-            ["rank", "run", "name", "status", metric, *params], table_lines(rows, params)
+            ["rank", "run", "name", "status", *shown_metrics(metric), *params],
+            table_lines(rows, params, metric),
         )
     records = [
         {

@@ -1,7 +1,12 @@
 """Ray Tune + Optuna: launch a study locally or on a cluster, resume it, summarise it in MLflow.
 
-The order matters: everything that can be refused (the study file, the search space, the
-tracking store, the storage path, GPUs the cluster lacks) is checked before the MLflow parent
+A search study samples its trials with Optuna (then, with ``study.confirm``, confirms its
+winners with fresh seeds); an arms study runs fixed arms times seeds. Both run their prepare
+steps first, and both put every run under one MLflow parent; the seed stages live in
+:mod:`guidance_tune.stages`.
+
+The order matters: everything that can be refused (the study file, the search space or arms,
+the tracking store, the storage path, GPUs the cluster lacks) is checked before the MLflow parent
 run exists, and all but the cluster before Ray starts, so bad input writes nothing.
 """
 
@@ -12,18 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import (
-    ConfigError,
-    StudyConfig,
-    config_to_dict,
-    load_study_config,
-    require_writable,
-    set_fields,
-)
+from guidance_tune.config import ConfigError, config_to_dict, require_writable
 from guidance_tune.outcome import Outcome
+from guidance_tune.study_config import StudyConfig
+from guidance_tune.study_spec import check_resources, check_study
 from guidance_tune.tracking import (
     EXPERIMENT_DIR_TAG,
     ROLE_TAG,
+    STUDY_ARTIFACT,
     STUDY_TAG,
     RunRecord,
     ensure_experiment,
@@ -31,7 +32,7 @@ from guidance_tune.tracking import (
     open_child_runs,
 )
 from guidance_tune.tracking_store import check_store, resolve_tracking_uri
-from guidance_tune.trial import TrialTracking, run_trial, trial_config
+from guidance_tune.trial import TrialTracking, run_trial
 
 
 @dataclass
@@ -45,56 +46,7 @@ class StudyResult:
     num_trials: int
     num_errors: int
     interrupted: bool
-
-
-def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    """A study file as it enters: validated, its paths (and its space's path options) absolute."""
-    from search_spaces import get_space
-
-    spec = load_study_config(path, overrides)
-    options = get_space(spec.study.space).resolve_paths(spec.study.space_options)
-    study = spec.study.model_copy(update={"space_options": options})
-    return spec.model_copy(update={"study": study})
-
-
-def smoke(spec: StudyConfig) -> StudyConfig:
-    """The same study, tiny: 2 trials of 2 short epochs (and short evaluations) on the CPU."""
-    base = set_fields(
-        config_to_dict(spec.base),
-        {"train.epochs": 2, "train.max_steps_per_epoch": 3, "train.max_eval_batches": 2},
-    )
-    study = set_fields(
-        config_to_dict(spec.study),
-        {
-            "num_trials": 2,
-            "resources.cpus": 1,
-            "resources.gpus": 0,
-            "scheduler.grace_period": 1,
-        },
-    )
-    return StudyConfig.model_validate({"base": base, "study": study})
-
-
-def check_space(spec: StudyConfig) -> dict[str, Any]:
-    """Sample the space once (and the baseline) and build the trial configs they give, so a bad
-    option or a parameter that names no config field is refused before anything launches."""
-    import optuna
-
-    from search_spaces import get_space
-
-    space = get_space(spec.study.space)
-    base = config_to_dict(spec.base)
-    options = spec.study.space_options
-    space.check_options(options)
-    try:
-        baseline = space.baseline(base=base, **options)
-        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-        constants = space.sample(trial, base=base, **options) or {}
-    except ConfigError as error:
-        raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
-    for params in (baseline, {**trial.params, **constants}):
-        trial_config(base, params)
-    return baseline
+    seed_table: str | None = None  # the confirmation or arms table, with its verdicts
 
 
 def _searcher(spec: StudyConfig, baseline: dict[str, Any]):
@@ -141,25 +93,6 @@ def connect(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False)
 
 
-def check_resources(spec: StudyConfig) -> None:
-    """A trial no node can host would stay pending forever (Ray only warns): refuse now."""
-    import ray
-
-    wanted = spec.study.resources
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if wanted.gpus > 0 and gpus == 0:
-        raise ConfigError(
-            f"study.resources.gpus is {wanted.gpus} but the Ray cluster has no "
-            "GPU: set it to 0 (CPU trials) or join a cluster with GPUs (--address)"
-        )
-    largest = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
-    if wanted.cpus > largest:
-        raise ConfigError(
-            f"study.resources.cpus is {wanted.cpus} but no Ray node has more than {largest:g} "
-            "CPUs: lower it, or join a larger cluster (--address)"
-        )
-
-
 def storage_dir(spec: StudyConfig) -> str:
     path = spec.study.storage_path
     return path if "://" in path else str(Path(path).resolve())
@@ -170,11 +103,17 @@ def _parent_run(
 ) -> RunRecord:
     """The study's MLflow parent run; --resume finds and reopens the one for these results."""
     tags = {STUDY_TAG: spec.base.name, ROLE_TAG: "study", EXPERIMENT_DIR_TAG: experiment_dir}
-    if resume and (found := RunRecord.find(tracking_uri, experiment_id, tags)) is not None:
+    found = RunRecord.find(tracking_uri, experiment_id, tags)
+    if resume and found is not None:
         found.reopen()
         return found
+    if found is not None and spec.study.arms is not None:  # a search is refused by its Tune dir
+        raise ConfigError(
+            f"arms study {spec.base.name!r} already has runs in MLflow: pass --resume to finish "
+            "it (finished seeds are kept), or change the study's name"
+        )
     parent = RunRecord.start(tracking_uri, experiment_id, spec.base.name, tags)
-    parent.log_dict(config_to_dict(spec), "study.json")
+    parent.log_dict(config_to_dict(spec), STUDY_ARTIFACT)
     parent.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
     return parent
 
@@ -235,11 +174,12 @@ def launch(
     """Run the study to the end (or continue it with ``resume``) and summarise it in MLflow."""
     from ray import tune
 
+    from guidance_tune.prepare import run_prepare_steps
     from guidance_tune.study_callbacks import ConsoleProgress, TrialRecords
 
     # tiny epochs snapshot often; Tune's warning about it says nothing a user can act on
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    baseline = check_space(spec)
+    baseline = check_study(spec)
     uri = resolve_tracking_uri(tracking_uri or spec.study.tracking_uri)
     check_store(uri, create=True)
     storage = storage_dir(spec)
@@ -247,7 +187,7 @@ def launch(
         require_writable(Path(storage), "study.storage_path")
     experiment_dir = os.path.join(storage, spec.base.name)
     restorable = tune.Tuner.can_restore(experiment_dir)
-    if resume and not restorable:
+    if resume and not restorable and spec.study.arms is None:
         raise ConfigError(f"--resume: no study results to continue in {experiment_dir}")
     if restorable and not resume:
         raise ConfigError(
@@ -261,24 +201,101 @@ def launch(
     tracking = TrialTracking(
         uri, experiment_id, parent.run_id, spec.base.name, spec.study.metric, spec.study.mode
     )
-    resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
-    base = config_to_dict(spec.base)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tracking=tracking),
-        resources,
-    )
-    callbacks = [
-        ConsoleProgress(spec.study.metric, spec.study.mode),
-        TrialRecords(tracking, base),
-    ]
     try:
-        results = _tuner(spec, trainable, experiment_dir, resume, baseline, callbacks).fit()
+        run_prepare_steps(spec, uri, experiment_id, parent.run_id)
+        if spec.study.arms is not None:
+            return _run_arms_study(spec, tracking, parent, experiment_dir)
+        results = _tuner(
+            spec,
+            _trainable(spec, tracking),
+            experiment_dir,
+            resume,
+            baseline,
+            [
+                ConsoleProgress(spec.study.metric, spec.study.mode),
+                TrialRecords(tracking, config_to_dict(spec.base)),
+            ],
+        ).fit()
+        result = summarise(spec, tracking, parent, results)
+        if spec.study.confirm is not None and result.best_run_id and not result.interrupted:
+            settings = spec.study.confirm
+            result.seed_table = confirm(spec, tracking, parent, settings.top, settings.seeds)
+        return result
     except BaseException as error:
-        outcome = Outcome.KILLED if isinstance(error, KeyboardInterrupt) else Outcome.FAILED
-        _close_open_children(tracking, outcome, f"the study ended with {error!r}")
-        parent.close(outcome, error=repr(error))
+        _end_with(tracking, parent, error)
         raise
-    return summarise(spec, tracking, parent, results)
+
+
+def _trainable(spec: StudyConfig, tracking: TrialTracking):
+    from ray import tune
+
+    resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
+    trainable = tune.with_parameters(run_trial, base=config_to_dict(spec.base), tracking=tracking)
+    return tune.with_resources(trainable, resources)
+
+
+def _end_with(tracking: TrialTracking, parent: RunRecord, error: BaseException) -> None:
+    """A study cut off by Ctrl-C is killed (resumable); by anything else, failed."""
+    outcome = Outcome.KILLED if isinstance(error, KeyboardInterrupt) else Outcome.FAILED
+    _close_open_children(tracking, outcome, f"the study ended with {error!r}")
+    parent.close(outcome, error=repr(error))
+
+
+def _end_seed_stage(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) -> str | None:
+    """After a seed stage: runs it left open were cut off (Ctrl-C: killed, the study
+    resumable); otherwise the table goes on the parent, which ends finished."""
+    from guidance_tune.stages import report_seeds
+
+    if open_child_runs(tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id):
+        _close_open_children(tracking, Outcome.KILLED, RESUMABLE)
+        parent.close(Outcome.KILLED, error=RESUMABLE)
+        return None
+    table = report_seeds(spec, tracking, parent)
+    parent.close(Outcome.FINISHED)
+    return table
+
+
+def _run_arms_study(
+    spec: StudyConfig, tracking: TrialTracking, parent: RunRecord, experiment_dir: str
+) -> StudyResult:
+    from guidance_tune.results import study_children, trial_rows
+    from guidance_tune.stages import DONE, run_arms
+
+    run_arms(spec, tracking)
+    table = _end_seed_stage(spec, tracking, parent)
+    children = study_children(tracking.tracking_uri, tracking.experiment_id, parent.run_id)
+    rows = trial_rows(children, spec.study.metric)
+    return StudyResult(
+        name=spec.base.name,
+        parent_run_id=parent.run_id,
+        tracking_uri=tracking.tracking_uri,
+        best_run_id=None,
+        best_value=None,
+        best_params={},
+        num_trials=len(rows),
+        num_errors=sum(row.status not in DONE for row in rows),
+        interrupted=table is None,
+        seed_table=table,
+    )
+
+
+def confirm(
+    spec: StudyConfig, tracking: TrialTracking, parent: RunRecord, top: int, seeds: int
+) -> str | None:
+    """Confirm a finished search's winners with fresh seeds on test, under its parent run,
+    reopened meanwhile; the table, or None when the confirmation was cut off (Ctrl-C)."""
+    from guidance_tune.stages import run_confirm
+
+    parent.reopen()
+    try:
+        run_confirm(spec, tracking, top, seeds)
+    except ConfigError:
+        parent.close(Outcome.FINISHED)  # nothing ran: the search stands as it was
+        raise
+    except BaseException as error:
+        _end_with(tracking, parent, error)
+        raise
+    return _end_seed_stage(spec, tracking, parent)
 
 
 RESUMABLE = "the study was interrupted; continue it with `guidance-tune study launch --resume`"
@@ -301,13 +318,15 @@ def summarise(
     from guidance_tune.results import (
         metric_curve,
         rank_trials,
+        ranked_runs,
         study_children,
         trial_rows,
         varying_params,
     )
 
     uri, metric, mode = tracking.tracking_uri, spec.study.metric, spec.study.mode
-    rows = trial_rows(study_children(uri, tracking.experiment_id, parent.run_id), metric)
+    children = study_children(uri, tracking.experiment_id, parent.run_id)
+    rows = trial_rows(ranked_runs(children), metric)
     ranked = rank_trials(rows, mode, top=None)
     # every trial Tune completed or gave up on has its run closed: one still open was cut off
     open_runs = open_child_runs(uri, tracking.experiment_id, parent.run_id)

@@ -45,13 +45,19 @@ class ConsoleProgress(Callback):
         self.best: tuple[float, str] | None = None
         self.last: dict[str, float] = {}
 
+    @staticmethod
+    def _label(trial) -> str:
+        """A stage's unit key (``base.s1``) says more than Tune's trial id."""
+        return str(trial.config.get("unit", trial.trial_id))
+
     def _running(self, trials) -> str:
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
         return f"[{done} done, {running} running]"
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        print(f"{self._running(trials)} {trial.trial_id} started: {trial.config}", flush=True)
+        started = "started" if "unit" in trial.config else f"started: {trial.config}"
+        print(f"{self._running(trials)} {self._label(trial)} {started}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
@@ -59,22 +65,25 @@ class ConsoleProgress(Callback):
             return
         self.last[trial.trial_id] = value
         if is_better(value, self.best[0] if self.best else None, self.mode):
-            self.best = (value, trial.trial_id)
+            self.best = (value, self._label(trial))
+        epoch = int(result.get("epoch", 0)) + 1
         print(
-            f"{self._running(trials)} {trial.trial_id} epoch {int(result.get('epoch', 0)) + 1}: "
-            f"{self.metric} {value:.4f}  (best so far {self.best[0]:.4f}, {self.best[1]})",
+            f"{self._running(trials)} {self._label(trial)} epoch {epoch}: {self.metric} "
+            f"{value:.4f}  (best so far {self.best[0]:.4f}, {self.best[1]})",
             flush=True,
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         value = self.last.get(trial.trial_id, float("nan"))
-        print(f"{self._running(trials)} {trial.trial_id} finished: {self.metric} {value:.4f}")
+        print(f"{self._running(trials)} {self._label(trial)} finished: {self.metric} {value:.4f}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._running(trials)} {trial.trial_id} crashed: retrying from its checkpoint")
+        print(f"{self._running(trials)} {self._label(trial)} crashed: retrying from its checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self._running(trials)} {trial.trial_id} failed (retries exhausted)", flush=True)
+        print(
+            f"{self._running(trials)} {self._label(trial)} failed (retries exhausted)", flush=True
+        )
 
 
 @contextmanager
@@ -158,15 +167,15 @@ class TrialRecords(Callback):
 
     def _record(self, trial) -> RunRecord:
         """The trial's run; one is made for a trial that died before it could make its own."""
-        tags = self.tracking.trial_tags(trial.trial_id)
+        tags = self.tracking.trial_tags(trial.trial_id, trial.config)
         uri, experiment = self.tracking.tracking_uri, self.tracking.experiment_id
         found = RunRecord.find_trial(uri, experiment, tags)
         return found or RunRecord.start(
-            uri, experiment, self.tracking.trial_name(trial.trial_id), tags
+            uri, experiment, self.tracking.trial_name(trial.trial_id, trial.config), tags
         )
 
     def _planned_epochs(self, trial) -> int:
         try:
-            return planned_epochs(trial_config(self.base, trial.config))
+            return planned_epochs(trial_config(self.base, self.tracking.params(trial.config)))
         except ConfigError:  # the trial failed on its own params; any count will do
             return 0

@@ -26,6 +26,7 @@ from guidance_tune.outcome import Outcome
 from guidance_tune.tracking_store import prepare_store
 
 CONFIG_ARTIFACT = "config.json"
+STUDY_ARTIFACT = "study.json"  # a study parent's whole study file, validated
 BEST_WEIGHTS_ARTIFACT = "checkpoints/best.pt"
 ROLE_TAG = "guidance_tune.role"  # study, trial, run or rerun
 STUDY_TAG = "study"
@@ -35,6 +36,10 @@ PARENT_TAG = "mlflow.parentRunId"
 STATUS_TAG = "status"
 ERROR_TAG = "error"
 RERUN_OF_TAG = "rerun_of"
+STAGE_TAG = "stage"  # search, confirm, arms.lr or arms
+UNIT_TAG = "unit"  # a stage run's identity in its study (arm and seed)
+ARM_TAG = "arm"
+CONFIRMS_TAG = "confirms"  # the search trial's run id a confirm run repeats
 
 
 def mlflow_client(tracking_uri: str):
@@ -130,14 +135,17 @@ class RunRecord:
         if found is None:
             return cls.start(tracking_uri, experiment_id, name, tags, config)
         found.reopen()
+        found.set_tags({TRIAL_ID_TAG: tags[TRIAL_ID_TAG]})  # a stage run again: Tune's new id
         return found
 
     @classmethod
     def find_trial(
         cls, tracking_uri: str, experiment_id: str, tags: dict[str, str]
     ) -> RunRecord | None:
-        """A trial's run is the one with its parent and Tune trial id, whatever else it carries."""
-        identity = {key: tags[key] for key in (PARENT_TAG, TRIAL_ID_TAG)}
+        """A trial's run is the one with its parent and Tune trial id, whatever else it carries;
+        a stage run's, the one with its parent and unit, whichever Tune trial ran it before."""
+        identity_key = UNIT_TAG if UNIT_TAG in tags else TRIAL_ID_TAG
+        identity = {key: tags[key] for key in (PARENT_TAG, identity_key)}
         return cls.find(tracking_uri, experiment_id, identity)
 
     def info(self):
@@ -289,3 +297,28 @@ def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
             ) from None
         data = json.loads(Path(local).read_text())
     return parse_run_config(data, source=f"MLflow run {run_id} {CONFIG_ARTIFACT}")
+
+
+def load_study_from_mlflow(tracking_uri: str, parent_run_id: str):
+    """The study file a parent run was launched with (its ``study.json``), validated."""
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    from guidance_tune.study_config import StudyConfig
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow_client(tracking_uri).download_artifacts(
+                parent_run_id, STUDY_ARTIFACT, scratch
+            )
+        except (MlflowException, OSError):
+            raise ConfigError(
+                f"study run {parent_run_id} has no {STUDY_ARTIFACT}: launch the study again"
+            ) from None
+        data = json.loads(Path(local).read_text())
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(
+            f"study run {parent_run_id}: its {STUDY_ARTIFACT} no longer validates ({error})"
+        ) from None

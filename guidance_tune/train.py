@@ -1,10 +1,11 @@
 """The one training function. Standalone runs, reruns and every Ray Tune trial call
 ``train(config, reporter)``; it knows nothing of Ray or MLflow, only the reporter it is given.
 
-Reads top to bottom: set-up, (noise warm-up), then per epoch: train, evaluate, mark the best
-epoch, report with a checkpoint a reporter may save. Resuming from such a checkpoint continues
-bitwise. A run ends ``finished`` or ``diverged``; how a study or a user ends it otherwise is
-for the caller to record.
+Reads top to bottom: set-up, (noise warm-up), then per epoch: train, evaluate on val, mark the
+best epoch, report with a checkpoint a reporter may save. Resuming from such a checkpoint
+continues bitwise. A run asked to (``train.evaluate_test``) evaluates the best epoch's weights on
+the test split once, after its last epoch, and reports that with the last epoch. A run ends
+``finished`` or ``diverged``; how a study or a user ends it otherwise is for the caller to record.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Run:
     first_loss: float | None = None  # the scale a blown-up loss is measured against
     best: dict[str, float] = field(default_factory=dict)
     best_epoch: int | None = None  # by train.select_metric
+    best_target: dict[str, Tensor] | None = None  # its weights (CPU), kept for the test split
     history: list[dict[str, float]] = field(default_factory=list)
 
     def autocast(self):
@@ -230,11 +232,12 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
+def evaluate(run: Run, split: str = "val") -> dict[str, float]:
+    """``<split>/loss``, ``/top1`` (and ``/top5`` beyond 5 classes) of the current weights."""
     run.target.eval()
     sums = torch.zeros(4, device=run.device)  # loss, top1, top5, samples
     k = min(5, run.data.num_classes)
-    batches = run.data.val.batches(
+    batches = getattr(run.data, split).batches(
         run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
     )
     for x, y in itertools.islice(batches, run.config.train.max_eval_batches):
@@ -246,9 +249,21 @@ def evaluate(run: Run) -> dict[str, float]:
         counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).float()
         sums += torch.cat([loss[None], counts, loss.new_tensor([len(y)])])
     loss, top1, top5 = (sums[:3] / sums[3]).tolist()
-    metrics = {"val/loss": loss, "val/top1": top1}
+    metrics = {f"{split}/loss": loss, f"{split}/top1": top1}
     if run.data.num_classes > 5:
-        metrics["val/top5"] = top5
+        metrics[f"{split}/top5"] = top5
+    return metrics
+
+
+def evaluate_test(run: Run) -> dict[str, float]:
+    """The test split on the best epoch's weights (chosen on val); the live weights are put
+    back after. Empty when no epoch was ever best (a run that diverged in its first epoch)."""
+    if run.best_target is None:
+        return {}
+    live = {name: value.clone() for name, value in run.target.state_dict().items()}
+    run.target.load_state_dict(run.best_target)
+    metrics = evaluate(run, "test")
+    run.target.load_state_dict(live)
     return metrics
 
 
@@ -274,6 +289,10 @@ def update_best(run: Run, metrics: dict[str, float], epoch: int) -> None:
     metrics["improved"] = float(run.best_epoch == epoch)
     if run.best_epoch is not None:
         metrics["best_epoch"] = float(run.best_epoch)
+    if metrics["improved"] and run.config.train.evaluate_test:
+        run.best_target = {
+            k: v.detach().to("cpu", copy=True) for k, v in run.target.state_dict().items()
+        }
 
 
 def make_checkpoint(run: Run) -> Checkpoint:
@@ -289,6 +308,7 @@ def make_checkpoint(run: Run) -> Checkpoint:
         "first_loss": run.first_loss,
         "best": dict(run.best),
         "best_epoch": run.best_epoch,
+        "best_target": run.best_target,
         "history": list(run.history),
         "rng": rng_state(),
     }
@@ -312,6 +332,7 @@ def restore(run: Run, checkpoint: Checkpoint) -> None:
     run.first_loss = checkpoint["first_loss"]
     run.best = dict(checkpoint["best"])
     run.best_epoch = checkpoint["best_epoch"]
+    run.best_target = checkpoint.get("best_target")
     run.history = list(checkpoint["history"])
     set_rng_state(checkpoint["rng"])
 
@@ -346,6 +367,9 @@ def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
         )
         run.scheduler.step()
         update_best(run, metrics, epoch)
+        last = diverged or epoch + 1 == planned_epochs(config)
+        if last and config.train.evaluate_test:
+            metrics.update(evaluate_test(run))
         run.history.append(metrics)
         run.epoch = epoch + 1
         reporter.epoch(metrics, lambda: make_checkpoint(run))

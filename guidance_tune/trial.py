@@ -1,11 +1,15 @@
 """The Ray Tune trainable: a thin adapter that runs ``train`` for one trial.
 
 The trial's MLflow run is found by its Tune trial id before one is made, so a retried or
-restored trial continues its own run. Each epoch is logged to MLflow first and reported to Tune
-second, with a checkpoint: Tune may end the trial inside ``tune.report`` (``SystemExit`` from
-ASHA or max_t), and nothing after that call is sure to run. So the trial never closes its run;
-the driver does, once Tune is done with the trial (:mod:`guidance_tune.study_callbacks`), with
-the best epoch's weights from the checkpoints Tune kept.
+restored trial continues its own run. A stage of fixed runs (confirmation seeds, arms) names
+each trial's config as a :class:`Unit`, whose key is its identity instead: a stage run again
+continues the same runs, and its finished ones are not run twice.
+
+Each epoch is logged to MLflow first and reported to Tune second, with a checkpoint: Tune may
+end the trial inside ``tune.report`` (``SystemExit`` from ASHA or max_t), and nothing after that
+call is sure to run. So the trial never closes its run; the driver does, once Tune is done with
+the trial (:mod:`guidance_tune.study_callbacks`), with the best epoch's weights from the
+checkpoints Tune kept.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +29,29 @@ from guidance_tune.config import RunConfig, parse_run_config, set_fields
 from guidance_tune.tracking import (
     PARENT_TAG,
     ROLE_TAG,
+    STAGE_TAG,
     STUDY_TAG,
     TRIAL_ID_TAG,
+    UNIT_TAG,
     RunRecord,
 )
 from guidance_tune.train import Reporter, build_run, fit
 
 
 @dataclass(frozen=True)
+class Unit:
+    """One fixed run of a stage: ``params`` (``section.field`` or whole sections) set on the
+    base run; ``key`` is unique in the study and names the run; ``tags`` say what it is."""
+
+    key: str
+    params: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TrialTracking:
-    """Where trials log: passed to every trial process (they don't see the driver's MLflow)."""
+    """Where trials log: passed to every trial process (they don't see the driver's MLflow).
+    A search samples each trial's params; a stage of fixed runs passes ``units`` by key."""
 
     tracking_uri: str
     experiment_id: str
@@ -42,18 +59,33 @@ class TrialTracking:
     study: str
     metric: str
     mode: str
+    stage: str = "search"
+    units: dict[str, Unit] = field(default_factory=dict)
 
-    def trial_tags(self, trial_id: str) -> dict[str, str]:
-        """The tags that make a run this study's trial ``trial_id`` (and find it again)."""
-        return {
+    def unit(self, trial_params: dict[str, Any]) -> Unit | None:
+        return self.units[trial_params["unit"]] if self.units else None
+
+    def params(self, trial_params: dict[str, Any]) -> dict[str, Any]:
+        """The config changes of a trial: sampled, or its unit's."""
+        unit = self.unit(trial_params)
+        return unit.params if unit else trial_params
+
+    def trial_tags(self, trial_id: str, trial_params: dict[str, Any]) -> dict[str, str]:
+        """The tags that make a run this study's trial (and find it again)."""
+        tags = {
             PARENT_TAG: self.parent_run_id,
             TRIAL_ID_TAG: trial_id,
             STUDY_TAG: self.study,
             ROLE_TAG: "trial",
+            STAGE_TAG: self.stage,
         }
+        if (unit := self.unit(trial_params)) is not None:
+            tags.update({**unit.tags, UNIT_TAG: unit.key})
+        return tags
 
-    def trial_name(self, trial_id: str) -> str:
-        return f"{self.study}-{trial_id}"
+    def trial_name(self, trial_id: str, trial_params: dict[str, Any]) -> str:
+        unit = self.unit(trial_params)
+        return f"{self.study}-{unit.key if unit else trial_id}"
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
@@ -88,13 +120,13 @@ def _restored_checkpoint() -> Checkpoint | None:
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTracking) -> None:
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
-    config = trial_config(base, params)
+    config = trial_config(base, tracking.params(params))
     trial_id = tune.get_context().get_trial_id()
     record = RunRecord.for_trial(
         tracking.tracking_uri,
         tracking.experiment_id,
-        tracking.trial_tags(trial_id),
-        tracking.trial_name(trial_id),
+        tracking.trial_tags(trial_id, params),
+        tracking.trial_name(trial_id, params),
         config,
     )
     record.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id()})

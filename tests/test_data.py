@@ -65,22 +65,36 @@ def _write_cifar(root: Path, name: str, n_per_file: int = 20) -> None:
     (root / folder / meta).write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
 
 
-def test_split_is_seeded_disjoint_and_covers_the_training_set():
-    config = DataConfig(val_fraction=0.25)
-    train, val = split_indices(100, config, hold_out=True)
-    again_train, again_val = split_indices(100, config, hold_out=True)
-    other_train, _ = split_indices(100, DataConfig(val_fraction=0.25, split_seed=1), hold_out=True)
-    assert len(val) == 25 and len(train) == 75
-    assert set(train.tolist()).isdisjoint(val.tolist())
-    assert sorted(train.tolist() + val.tolist()) == list(range(100))
-    assert torch.equal(train, again_train) and torch.equal(val, again_val)
-    assert not torch.equal(train, other_train)
+def _image_keys(source) -> set[bytes]:
+    images, _ = _all_batches(source)
+    return {image.numpy().tobytes() for image in images}
 
 
-def test_n_train_keeps_a_seeded_subset_nested_in_larger_ones():
-    small, _ = split_indices(100, DataConfig(n_train=10), hold_out=True)
-    large, _ = split_indices(100, DataConfig(n_train=40), hold_out=True)
-    assert len(small) == 10 and set(small.tolist()) <= set(large.tolist())
+def _assert_disjoint(splits: DataSplits) -> None:
+    train, val, test = (_image_keys(s) for s in (splits.train, splits.val, splits.test))
+    assert train and val and test
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+
+
+@pytest.mark.parametrize("has_test_split", [True, False])
+def test_split_is_seeded_disjoint_and_covers_the_training_set(has_test_split):
+    config = DataConfig(val_fraction=0.25, test_fraction=0.2)
+    index = split_indices(100, config, has_test_split=has_test_split)
+    again = split_indices(100, config, has_test_split=has_test_split)
+    other = split_indices(100, config.model_copy(update={"split_seed": 1}), has_test_split=True)
+    parts = [index.train, index.val] + ([] if has_test_split else [index.test])
+    assert [len(part) for part in parts] == ([75, 25] if has_test_split else [55, 25, 20])
+    assert sorted(torch.cat(parts).tolist()) == list(range(100))  # disjoint and complete
+    assert (index.test is None) == has_test_split
+    assert torch.equal(index.train, again.train) and torch.equal(index.val, again.val)
+    assert not torch.equal(index.val, other.val)
+
+
+def test_n_train_keeps_a_seeded_subset_nested_in_larger_ones_with_the_same_val_and_test():
+    small = split_indices(100, DataConfig(n_train=10), has_test_split=False)
+    large = split_indices(100, DataConfig(n_train=40), has_test_split=False)
+    assert len(small.train) == 10 and set(small.train.tolist()) <= set(large.train.tolist())
+    assert torch.equal(small.val, large.val) and torch.equal(small.test, large.test)
     splits = _load(n_train=50, synthetic_samples=256)
     assert splits.train.num_samples == 50
     first, _ = _all_batches(splits.train)
@@ -93,14 +107,25 @@ def test_n_train_larger_than_the_training_part_is_a_config_error():
         _load(n_train=1000, synthetic_samples=256)
 
 
-def test_use_test_split_validates_on_the_test_file(tmp_path):
+def test_held_out_fractions_that_leave_no_training_data_are_a_config_error():
+    with pytest.raises(ConfigError, match="data.val_fraction and data.test_fraction"):
+        _load(name="digits", val_fraction=0.6, test_fraction=0.5)
+
+
+def test_official_test_split_is_the_test_file_and_val_is_held_out_of_train(tmp_path):
     _write_fashion_mnist(tmp_path)
-    held_out = _load(name="fashion_mnist", root=tmp_path, val_fraction=0.2)
-    official = _load(name="fashion_mnist", root=tmp_path, use_test_split=True)
-    assert (held_out.train.num_samples, held_out.val.num_samples) == (24, 6)
-    assert (official.train.num_samples, official.val.num_samples) == (30, 12)
-    _, val_labels = _all_batches(official.val)
-    assert val_labels.tolist() == [(i + 5) % 10 for i in range(12)]
+    splits = _load(name="fashion_mnist", root=tmp_path, val_fraction=0.2)
+    sizes = [s.num_samples for s in (splits.train, splits.val, splits.test)]
+    assert sizes == [24, 6, 12]
+    _, test_labels = _all_batches(splits.test)
+    assert test_labels.tolist() == [(i + 5) % 10 for i in range(12)]
+    _assert_disjoint(splits)
+
+
+def test_selecting_on_the_test_split_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="data.use_test_split is gone"):
+        DataConfig(use_test_split=True)
+    assert "use_test_split" not in DataConfig(use_test_split=False).model_dump()  # old records
 
 
 def test_batches_of_an_epoch_are_identical_across_calls_so_resume_is_bitwise():
@@ -233,12 +258,15 @@ def test_synthetic_task_is_learnable_by_a_small_convnet():
     assert accuracy > 0.5  # chance is 0.1
 
 
-def test_digits_loads_1797_8x8_images_of_10_classes():
+def test_digits_loads_1797_8x8_images_of_10_classes_in_three_splits():
     splits = _load(name="digits")
-    assert splits.train.num_samples + splits.val.num_samples == 1797
+    sizes = [s.num_samples for s in (splits.train, splits.val, splits.test)]
+    assert sizes == [1797 - 180 - 359, 180, 359] and sum(sizes) == 1797
     assert (splits.in_channels, splits.image_size, splits.num_classes) == (1, 8, 10)
-    with pytest.raises(ConfigError, match="data.use_test_split"):
-        _load(name="digits", use_test_split=True)
+
+
+def test_synthetic_splits_are_disjoint():
+    _assert_disjoint(_load(synthetic_samples=256))
 
 
 def test_idx_reader_round_trips_a_file(tmp_path):
@@ -249,7 +277,7 @@ def test_idx_reader_round_trips_a_file(tmp_path):
 
 def test_fashion_mnist_loads_the_idx_files_it_finds(tmp_path):
     _write_fashion_mnist(tmp_path)
-    splits = _load(name="fashion_mnist", root=tmp_path, use_test_split=True)
+    splits = _load(name="fashion_mnist", root=tmp_path)
     assert (splits.in_channels, splits.image_size, splits.num_classes) == (1, 28, 10)
 
 
@@ -265,8 +293,9 @@ def test_fashion_mnist_missing_root_is_a_config_error_with_the_fix(tmp_path):
     reason="Debian package dataset-fashion-mnist is not installed",
 )
 def test_real_fashion_mnist_has_60000_training_images_of_28x28():
-    splits = _load(name="fashion_mnist", use_test_split=True)
-    assert (splits.train.num_samples, splits.val.num_samples) == (60000, 10000)
+    splits = _load(name="fashion_mnist")
+    sizes = [s.num_samples for s in (splits.train, splits.val, splits.test)]
+    assert sizes == [54000, 6000, 10000]
     assert splits.image_size == 28 and splits.num_classes == 10
 
 
@@ -275,10 +304,12 @@ def test_real_fashion_mnist_has_60000_training_images_of_28x28():
 )
 def test_cifar_reads_torchvision_pickle_batches(tmp_path, name, num_train, num_classes):
     _write_cifar(tmp_path, name)
-    splits = _load(name=name, root=tmp_path, use_test_split=True)
-    assert (splits.train.num_samples, splits.val.num_samples) == (num_train, 20)
+    splits = _load(name=name, root=tmp_path, val_fraction=0.2)
+    sizes = [s.num_samples for s in (splits.train, splits.val, splits.test)]
+    assert sizes == [num_train * 4 // 5, num_train // 5, 20]
     assert (splits.in_channels, splits.image_size, splits.num_classes) == (3, 32, num_classes)
-    _, labels = _all_batches(splits.val)
+    _assert_disjoint(splits)
+    _, labels = _all_batches(splits.test)
     test_file_index = num_train // 20  # the writer labels file i with (i + j) % 7
     assert labels.tolist() == [(test_file_index + j) % 7 for j in range(20)]
 
@@ -304,14 +335,16 @@ def _write_imagefolder(root: Path) -> None:
 def test_imagefolder_streams_tiny_pngs_deterministically(tmp_path):
     _write_imagefolder(tmp_path)
     splits = _load(name="imagefolder", root=tmp_path, image_size=8, augment=True, num_workers=0)
-    assert (splits.train.num_samples, splits.val.num_samples) == (15, 6)
+    sizes = [s.num_samples for s in (splits.train, splits.val, splits.test)]
+    assert sizes == [13, 2, 6]  # val held out of train/, test is val/
     assert (splits.in_channels, splits.image_size, splits.num_classes) == (3, 8, 3)
     assert splits.train.num_batches(4, drop_last=True) == 3
     x, y = _all_batches(splits.train, batch_size=4, shuffle=True, drop_last=True, epoch=1)
     again, _ = _all_batches(splits.train, batch_size=4, shuffle=True, drop_last=True, epoch=1)
     assert x.shape == (12, 3, 8, 8) and y.dtype == torch.int64 and torch.equal(x, again)
-    x_val, y_val = _all_batches(splits.val, batch_size=4)
-    assert x_val.shape == (6, 3, 8, 8) and y_val.tolist() == [0, 0, 1, 1, 2, 2]
+    x_test, y_test = _all_batches(splits.test, batch_size=4)
+    assert x_test.shape == (6, 3, 8, 8) and y_test.tolist() == [0, 0, 1, 1, 2, 2]
+    assert set(splits.train.indices.tolist()).isdisjoint(splits.val.indices.tolist())
 
 
 def test_imagefolder_augmentation_does_not_depend_on_worker_count(tmp_path):

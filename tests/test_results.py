@@ -29,7 +29,7 @@ TRIALS = {
     "crashed": ("alignment", 1.0, 0.1, None),
 }
 RANKED = ["overfits", "steady", "distilled", "baseline"]
-VALUES = ["alignment", "3.0", "0.01"]  # the winner's searched params, as MLflow stores them
+VALUES = ["alignment", "3", "0.01"]  # the winner's searched params, as the table shows them
 
 
 def trial_config(kind: str, weight: float, lr: float) -> RunConfig:
@@ -56,7 +56,8 @@ def log_trial(uri: str, experiment_id: str, parent_id: str, name: str, spec) -> 
     best = float("inf")
     for epoch, loss in enumerate(val_losses or []):
         best = min(best, loss)
-        run.log_epoch({"epoch": epoch, "val/loss": loss, "best/loss": best, "val/top1": 1 - loss})
+        metrics = {"val/loss": loss, "best/loss": best, "val/top1": 1 - loss, "best/top1": 1 - best}
+        run.log_epoch({"epoch": epoch, **metrics})
     run.close(Outcome.FINISHED if val_losses else Outcome.FAILED)
     return run.run_id
 
@@ -135,11 +136,14 @@ def test_table_shows_rank_short_run_id_and_varying_params(study):
     _, children = find_study(uri, STUDY)
     rows = rank_trials(trial_rows(children, "best/loss"), "min", top=None)
     table = format_rows(rows, varying_params(rows), "best/loss", "table")
-    header, rule, first, *_ = table.splitlines()
+    header, rule, first, *rest = table.splitlines()
     params = ["guidance.kind", "guidance.weight", "optim.lr"]
-    assert header.split() == ["rank", "run", "name", "status", "best/loss", *params]
-    assert first.split() == ["1", ids["overfits"][:8], "overfits", "finished", "0.3000", *VALUES]
+    assert header.split() == ["rank", "run", "name", "status", "best/loss", "best/top1", *params]
+    cells = ["1", ids["overfits"][:8], "overfits", "finished", "0.3000", "0.7000", *VALUES]
+    assert first.split() == cells
     assert len(rule) == len(header)  # columns line up under the header
+    baseline = next(line for line in rest if "baseline" in line).split()
+    assert baseline[-2:] == ["none", "0.01"]  # its guidance.weight does nothing: left blank
 
 
 @pytest.mark.parametrize("fmt, load", [("json", json.loads), ("yaml", yaml.safe_load)])

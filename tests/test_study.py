@@ -6,9 +6,11 @@ import torch
 import yaml
 
 from guidance_tune.cli import main
-from guidance_tune.config import ConfigError, load_run_config, parse_study_config
+from guidance_tune.config import ConfigError, load_run_config
 from guidance_tune.results import find_study, metric_curve
-from guidance_tune.study import launch, load_study
+from guidance_tune.study import launch
+from guidance_tune.study_config import parse_study_config
+from guidance_tune.study_spec import load_study
 from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT, load_run_config_from_mlflow
 from guidance_tune.train import build_run, evaluate
 
@@ -202,6 +204,17 @@ BAD_STUDIES = [
     ({"tracking_uri": "http://127.0.0.1:9"}, "did not answer"),
     ({"tracking_uri": "file:///tmp/mlruns"}, "sqlite:///"),
     ({"storage_path": "{tmp}/a-file/ray_results"}, "study.storage_path"),
+    ({"metric": "test/top1"}, "reads the test split"),
+    ({"space": "arms"}, "study.arms section"),
+    ({"confirm": {"seeds": 1}}, "confirm.seeds"),
+    (
+        {"space": "arms", "arms": {"arms": [{"name": "a", "set": {"guidance.kind": "x"}}]}},
+        "arm 'a'",
+    ),
+    (
+        {"space": "arms", "arms": {"arms": [{"name": "a"}], "reference": "b"}},
+        "study.arms.reference",
+    ),
 ]
 
 
@@ -235,6 +248,16 @@ def test_malformed_study_yaml_is_refused(tmp_path, capsys):
     path.write_text("study: {space: guidance\n")
     assert main(["study", "check", str(path)]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("study.metric=test/top1", "study confirm"), ("train.evaluate_test=true", "evaluate_test")],
+)
+def test_study_check_refuses_a_search_that_would_read_the_test_split(capsys, override, named):
+    args = ["study", "check", "studies/quickstart.yaml", "--set", override]
+    assert main(args) == 2
+    assert named in capsys.readouterr().err
 
 
 def test_study_check_validates_a_shipped_study_without_launching(capsys):

@@ -6,7 +6,7 @@ import torch
 
 from guidance_tune.checkpoint import load_checkpoint, save_checkpoint
 from guidance_tune.config import ConfigError, parse_run_config
-from guidance_tune.train import Reporter, build_run, fit, train
+from guidance_tune.train import Reporter, build_run, evaluate, fit, train
 
 TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_gib"}
 
@@ -194,3 +194,27 @@ def test_smoke_limits_cut_evaluation_and_noise_warmup_short():
     result = fit(run)
     assert len(guide_calls) == 2 + 2  # warm-up cut to 2 steps, then 2 guided training steps
     assert result.final["val/top1"] in {k / 8 for k in range(9)}  # one batch of 8 evaluated
+
+
+def test_the_test_split_is_read_once_at_the_end_on_the_best_val_epoch(tmp_path):
+    config = tiny_config(train={"evaluate_test": True, "epochs": 4})
+    recorder = Recorder()
+    result = train(config, recorder)
+    assert [any(k.startswith("test/") for k in m) for m in recorder.metrics] == [0, 0, 0, 1]
+    best_epoch = int(result.final["best_epoch"])
+    best = recorder.checkpoints[best_epoch]["target"]
+    check = build_run(config)
+    check.target.load_state_dict(best)
+    expected = evaluate(check, "test")
+    assert result.final["test/loss"] == pytest.approx(expected["test/loss"], rel=1e-6)
+    assert result.final["test/top1"] == expected["test/top1"]
+    # resumed from a checkpoint before the end, the run still tests the best epoch's weights
+    path = save_checkpoint(recorder.checkpoints[min(best_epoch, 2)], tmp_path / "resume")
+    resumed = train(config, Recorder(), checkpoint=load_checkpoint(path))
+    assert resumed.final["test/top1"] == result.final["test/top1"]
+
+
+def test_runs_that_are_not_asked_never_read_the_test_split():
+    recorder = Recorder()
+    train(tiny_config(), recorder)
+    assert not any(key.startswith("test/") for metrics in recorder.metrics for key in metrics)

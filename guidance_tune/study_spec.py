@@ -1,0 +1,98 @@
+"""A study as it enters: read, checked and made tiny, before anything launches.
+
+Everything that can be refused is refused here, with the field and the fix: the study file,
+its prepare steps and arms, a sample of its search space (and the baseline), and resources the
+Ray cluster cannot host. :mod:`guidance_tune.study` then launches what passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from guidance_tune.config import ConfigError, config_to_dict, set_fields
+from guidance_tune.study_config import StudyConfig, load_study_config
+from guidance_tune.trial import trial_config
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    """A study file as it enters: validated, its paths (and its space's path options) absolute."""
+    from search_spaces import get_space
+
+    spec = load_study_config(path, overrides)
+    if spec.study.arms is not None:
+        return spec
+    options = get_space(spec.study.space).resolve_paths(spec.study.space_options)
+    study = spec.study.model_copy(update={"space_options": options})
+    return spec.model_copy(update={"study": study})
+
+
+def smoke(spec: StudyConfig) -> StudyConfig:
+    """The same study, tiny: 2 trials (2 seeds an arm) of 2 short epochs on the CPU."""
+    short = {"train.epochs": 2, "train.max_steps_per_epoch": 3, "train.max_eval_batches": 2}
+    base = set_fields(config_to_dict(spec.base), short)
+    tiny = {"num_trials": 2, "resources.cpus": 1, "resources.gpus": 0, "scheduler.grace_period": 1}
+    if spec.study.arms is not None:
+        tiny["arms.seeds"] = 2
+        tiny["arms.lr"] = spec.study.arms.lr[:2] if spec.study.arms.lr else None
+    if spec.study.confirm is not None:
+        tiny.update({"confirm.top": 1, "confirm.seeds": 2})
+    study = set_fields(config_to_dict(spec.study), tiny)
+    for step in study["prepare"]:
+        step["set"] = {**step["set"], **short}
+    return StudyConfig.model_validate({"base": base, "study": study})
+
+
+def check_study(spec: StudyConfig) -> dict[str, Any] | None:
+    """Every config the study will run, built once before anything launches: its prepare
+    steps, and its arms or a sample of its search space (then the baseline's params)."""
+    from guidance_tune.arms import arm_configs
+    from guidance_tune.prepare import step_config
+
+    for step in spec.study.prepare:
+        step_config(spec, step)
+    if spec.study.arms is not None:
+        arm_configs(spec)
+        return None
+    return check_space(spec)
+
+
+def check_space(spec: StudyConfig) -> dict[str, Any]:
+    """Sample the space once (and the baseline) and build the trial configs they give, so a bad
+    option or a parameter that names no config field is refused before anything launches."""
+    import optuna
+
+    from search_spaces import get_space
+
+    space = get_space(spec.study.space)
+    base = config_to_dict(spec.base)
+    options = spec.study.space_options
+    space.check_options(options)
+    try:
+        baseline = space.baseline(base=base, **options)
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+        constants = space.sample(trial, base=base, **options) or {}
+    except ConfigError as error:
+        raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
+    for params in (baseline, {**trial.params, **constants}):
+        trial_config(base, params)
+    return baseline
+
+
+def check_resources(spec: StudyConfig) -> None:
+    """A trial no node can host would stay pending forever (Ray only warns): refuse now."""
+    import ray
+
+    wanted = spec.study.resources
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if wanted.gpus > 0 and gpus == 0:
+        raise ConfigError(
+            f"study.resources.gpus is {wanted.gpus} but the Ray cluster has no "
+            "GPU: set it to 0 (CPU trials) or join a cluster with GPUs (--address)"
+        )
+    largest = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    if wanted.cpus > largest:
+        raise ConfigError(
+            f"study.resources.cpus is {wanted.cpus} but no Ray node has more than {largest:g} "
+            "CPUs: lower it, or join a larger cluster (--address)"
+        )
