@@ -20,7 +20,7 @@ from guidance_tune.outcome import Outcome
 from guidance_tune.results import TrialRow, stage_of, study_children, trial_rows
 from guidance_tune.study_config import StudyConfig
 from guidance_tune.tracking import STAGE_TAG, UNIT_TAG, RunRecord, open_child_runs
-from guidance_tune.trial import TrialTracking, Unit, run_trial
+from guidance_tune.trial import TrialTracking, Unit
 
 DONE = (Outcome.FINISHED.value, Outcome.DIVERGED.value)
 # runs a seed table counts: a failed seed is shown as one without a result, not left out
@@ -46,21 +46,16 @@ def run_stage(spec: StudyConfig, tracking: TrialTracking, stage: str, units: lis
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from guidance_tune.study import storage_dir
-    from guidance_tune.study_callbacks import ConsoleProgress, TrialRecords
+    from guidance_tune.study import storage_dir, trainable
+    from guidance_tune.study_callbacks import ConsoleProgress, TrialRecords, keep_best_checkpoint
 
     tracking = replace(tracking, stage=stage, units={unit.key: unit for unit in units})
     pending = pending_units(units, stage_rows(tracking, stage))
     if not pending:
         return True
     settings = spec.study
-    base = config_to_dict(spec.base)
-    resources = {"cpu": settings.resources.cpus, "gpu": settings.resources.gpus}
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tracking=tracking), resources
-    )
     tuner = tune.Tuner(
-        trainable,
+        trainable(spec, tracking),
         param_space={"unit": tune.grid_search([unit.key for unit in pending])},
         tune_config=tune.TuneConfig(
             metric=settings.metric,
@@ -73,12 +68,10 @@ def run_stage(spec: StudyConfig, tracking: TrialTracking, stage: str, units: lis
             name=f"{spec.base.name}-{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=storage_dir(spec),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="improved", checkpoint_score_order="max"
-            ),
+            checkpoint_config=keep_best_checkpoint(),
             callbacks=[
                 ConsoleProgress(settings.metric, settings.mode),
-                TrialRecords(tracking, base),
+                TrialRecords(tracking, config_to_dict(spec.base)),
             ],
             verbose=0,
         ),

@@ -132,16 +132,18 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _tuner(spec: StudyConfig, trainable, experiment_dir: str, resume: bool, baseline, callbacks):
+def _tuner(spec: StudyConfig, bound, experiment_dir: str, resume: bool, baseline, callbacks):
     from ray import tune
+
+    from guidance_tune.study_callbacks import keep_best_checkpoint
 
     settings = spec.study
     if resume:
         return tune.Tuner.restore(
-            experiment_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
+            experiment_dir, trainable=bound, resume_unfinished=True, resume_errored=True
         )
     return tune.Tuner(
-        trainable,
+        bound,
         tune_config=tune.TuneConfig(
             metric=settings.metric,
             mode=settings.mode,
@@ -154,10 +156,7 @@ def _tuner(spec: StudyConfig, trainable, experiment_dir: str, resume: bool, base
             name=spec.base.name,
             storage_path=storage_dir(spec),
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            # the best epoch's checkpoint (see study_callbacks.best_weights) and the latest
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute="improved", checkpoint_score_order="max"
-            ),
+            checkpoint_config=keep_best_checkpoint(),
             callbacks=callbacks,
             verbose=0,
         ),
@@ -207,7 +206,7 @@ def launch(
             return _run_arms_study(spec, tracking, parent, experiment_dir)
         results = _tuner(
             spec,
-            _trainable(spec, tracking),
+            trainable(spec, tracking),
             experiment_dir,
             resume,
             baseline,
@@ -226,7 +225,8 @@ def launch(
         raise
 
 
-def _trainable(spec: StudyConfig, tracking: TrialTracking):
+def trainable(spec: StudyConfig, tracking: TrialTracking):
+    """``run_trial`` bound to the base run and the tracking, with the study's resources."""
     from ray import tune
 
     resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}

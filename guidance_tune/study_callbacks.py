@@ -86,11 +86,21 @@ class ConsoleProgress(Callback):
         )
 
 
+def keep_best_checkpoint():
+    """Tune keeps a trial's best epoch (by ``improved``, see :func:`best_weights`) and its
+    latest; every study and stage runs with it."""
+    from ray import tune
+
+    return tune.CheckpointConfig(
+        num_to_keep=1, checkpoint_score_attribute="improved", checkpoint_score_order="max"
+    )
+
+
 @contextmanager
 def best_weights(trial) -> Iterator[Path | None]:
     """``weights.pt`` of the trial's best epoch, from the checkpoints Tune kept.
 
-    The study keeps checkpoints by ``improved`` (``CheckpointConfig`` in ``study``): an
+    The study keeps checkpoints by ``improved`` (:func:`keep_best_checkpoint`): an
     improving epoch scores 1, any other 0, and Tune breaks ties towards the later one, so
     the best checkpoint Tune keeps is the last improving epoch, the run's best. Tune's
     ``Trial`` offers them only through its checkpoint manager (as its ``ResultGrid`` does).
