@@ -184,12 +184,18 @@ def _study_record(args: argparse.Namespace, name: str):
 
 
 def _confirm(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from guidance_tune.config import ConfigError
     from guidance_tune.study import confirm, connect
+    from guidance_tune.study_config import ConfirmSettings
     from guidance_tune.study_spec import check_resources
 
-    if args.top < 1 or args.seeds < 2:
-        raise ConfigError("--top must be >= 1 and --seeds >= 2 (an interval needs 2 seeds)")
+    try:  # the bounds of a study file's confirm: section, one rule for both
+        settings = ConfirmSettings(top=args.top, seeds=args.seeds)
+    except ValidationError as error:
+        wrong = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{wrong} (a Welch interval needs 2 seeds per config)") from None
     spec, parent, tracking = _study_record(args, args.name)
     if spec.study.arms is not None:
         raise ConfigError(
@@ -198,7 +204,7 @@ def _confirm(args: argparse.Namespace) -> int:
         )
     connect(args.address)
     check_resources(spec)
-    table = confirm(spec, tracking, parent, args.top, args.seeds)
+    table = confirm(spec, tracking, parent, settings.top, settings.seeds)
     if table is None:
         print(f"interrupted: run `guidance-tune study confirm {args.name}` again to finish")
         return 130

@@ -247,8 +247,7 @@ def _end_seed_stage(spec: StudyConfig, tracking: TrialTracking, parent: RunRecor
     from guidance_tune.stages import report_seeds
 
     if open_child_runs(tracking.tracking_uri, tracking.experiment_id, tracking.parent_run_id):
-        _close_open_children(tracking, Outcome.KILLED, RESUMABLE)
-        parent.close(Outcome.KILLED, error=RESUMABLE)
+        _end_interrupted(tracking, parent)
         return None
     table = report_seeds(spec, tracking, parent)
     parent.close(Outcome.FINISHED)
@@ -301,6 +300,12 @@ def confirm(
 RESUMABLE = "the study was interrupted; continue it with `guidance-tune study launch --resume`"
 
 
+def _end_interrupted(tracking: TrialTracking, parent: RunRecord) -> None:
+    """Cut off (Ctrl-C): the study and its unfinished runs are killed, until --resume."""
+    _close_open_children(tracking, Outcome.KILLED, RESUMABLE)
+    parent.close(Outcome.KILLED, error=RESUMABLE)
+
+
 def _close_open_children(tracking: TrialTracking, outcome: Outcome, reason: str) -> None:
     """Runs of trials the study left unfinished: killed (resumable) or failed with it."""
     for run in open_child_runs(
@@ -337,8 +342,7 @@ def summarise(
         parent.set_tags({"best_run_id": ranked[0].run_id})
     parent.log_metrics(summary)
     if interrupted:
-        _close_open_children(tracking, Outcome.KILLED, RESUMABLE)
-        parent.close(Outcome.KILLED, error=RESUMABLE)
+        _end_interrupted(tracking, parent)
     else:
         curves = {
             row.run_id: metric_curve(uri, row.run_id, CURVE_METRIC)

@@ -183,6 +183,10 @@ FAILURES = {
         ["study", "best", "x", "--tracking-uri", "{uri}", "--export", "{tmp}/a-file/w.yaml"],
         "--export",
     ),
+    "study confirm with one seed": (
+        ["study", "confirm", "x", "--seeds", "1", "--tracking-uri", "{uri}"],
+        "--seeds: Input should be greater than or equal to 2",
+    ),
 }
 
 
