@@ -58,6 +58,7 @@ def lr_units(spec: StudyConfig, configs: dict[str, RunConfig]) -> list[Unit]:
     return [
         Unit(
             key=f"{arm}.lr{i}",
+            name=f"{arm}-lr{i}",
             params=_with(config, {"optim.lr": lr}),
             tags={ARM_TAG: arm, "lr": repr(lr)},
         )
@@ -98,6 +99,7 @@ def seed_units(
             units.append(
                 Unit(
                     key=f"{arm}.s{seed}",
+                    name=f"{arm}-s{seed}",
                     params=_with(config, changes),
                     tags={ARM_TAG: arm, "seed": str(seed)},
                 )
@@ -133,6 +135,7 @@ def confirm_units(
             units.append(
                 Unit(
                     key=f"{arm}.{row.run_id[:8]}.s{seed}",
+                    name=f"{arm}-s{seed}",
                     params=_with(config, changes),
                     tags={ARM_TAG: arm, CONFIRMS_TAG: row.run_id, "seed": str(seed)},
                 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -82,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     record = None
     if uri is not None:
         experiment_id = ensure_experiment(uri, args.experiment)
-        record = RunRecord.start(uri, experiment_id, config.name, {ROLE_TAG: "run"}, config)
+        tags = {ROLE_TAG: "run"}
+        record = RunRecord.start(uri, experiment_id, config.name, tags, config, args.command)
     result = train_recorded(run, record, reporters)
     print_summary(result, record.run_id if record else None)
     return 0 if result.status == Outcome.FINISHED else 1
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # what the user typed, the source MLflow shows for every run the command makes
+    args.command = shlex.join(["guidance-tune", *(sys.argv[1:] if argv is None else argv)])
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

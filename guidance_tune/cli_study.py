@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+RERUN_COMPARISON = "rerun/comparison.md"  # on the rerun's run: original vs rerun metrics
 RERUN_KEYS = ("val/loss", "val/top1", "val/top5", "best/loss", "best/top1", "train/loss")
 
 
@@ -37,6 +38,12 @@ def add_study_commands(commands) -> None:
     best.add_argument("--tracking-uri")
     best.add_argument("--experiment", help="MLflow experiment (default: the study name)")
     best.add_argument("--export", type=Path, help="write the winner's config here (YAML)")
+    best.add_argument(
+        "--register",
+        action="store_true",
+        help="register the winner's trained target as a version of the MLflow model named "
+        "after the study",
+    )
     best.set_defaults(handler=_best)
 
     confirm = actions.add_parser(
@@ -86,8 +93,10 @@ def _load(args):
 
 
 def _check(args: argparse.Namespace) -> int:
+    from guidance_tune.console import quiet_libraries
     from guidance_tune.study_spec import check_study
 
+    quiet_libraries()
     spec = _load(args)
     check_study(spec)
     settings = spec.study
@@ -103,15 +112,24 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from guidance_tune.console import guided_vs_unguided, quiet_libraries, ui_hint
+    from guidance_tune.results import short_param
     from guidance_tune.study import launch
     from guidance_tune.study_spec import smoke
 
+    quiet_libraries()
     spec = _load(args)
     if args.smoke_test:
         spec = smoke(spec)
-    result = launch(spec, address=args.address, tracking_uri=args.tracking_uri, resume=args.resume)
+    result = launch(
+        spec,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        resume=args.resume,
+        command=args.command,
+    )
     print(f"\nstudy {result.name}: {result.num_trials} trials, {result.num_errors} failed")
-    print(f"mlflow: {result.tracking_uri}  parent run {result.parent_run_id}")
+    print(ui_hint(result.tracking_uri, result.experiment_id))
     if result.interrupted:
         print(f"interrupted: continue with `guidance-tune study launch {args.spec} --resume`")
         return 130
@@ -122,12 +140,16 @@ def _launch(args: argparse.Namespace) -> int:
     if result.best_run_id is None:
         print("no trial reported the metric")
         return 1
+    if (answer := guided_vs_unguided(result, spec.study.metric)) is not None:
+        print(answer)
     print(f"best trial: run {result.best_run_id}  {spec.study.metric} {result.best_value:.4f}")
     for key, value in sorted(result.best_params.items()):
-        print(f"  {key}: {value}")
+        print(f"  {key}: {short_param(value)}")
     print(
         f"rerun it: guidance-tune rerun {result.best_run_id} --tracking-uri {result.tracking_uri}"
     )
+    if result.registered is not None:
+        print(result.registered)
     return 0
 
 
@@ -158,6 +180,15 @@ def _best(args: argparse.Namespace) -> int:
         path = export_config(uri, rows[0].run_id, args.export)
         # stderr: stdout stays the table, or JSON/YAML a script can parse
         print(f"winner's config written to {path}", file=sys.stderr)
+    if args.register and rows:
+        from guidance_tune.winner_model import register_winner
+
+        winner = register_winner(uri, rows[0].run_id, args.name)
+        print(
+            f"registered run {winner.run_id} as {winner.uri}: "
+            f"mlflow.pytorch.load_model({winner.uri!r})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -179,6 +210,8 @@ def _study_record(args: argparse.Namespace, name: str):
         spec.base.name,
         spec.study.metric,
         spec.study.mode,
+        command=args.command,
+        system_metrics_seconds=spec.study.system_metrics_seconds,
     )
     return spec, RunRecord(uri, parent_run.info.run_id), tracking
 
@@ -187,6 +220,7 @@ def _confirm(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from guidance_tune.config import ConfigError
+    from guidance_tune.console import quiet_libraries
     from guidance_tune.study import confirm, connect
     from guidance_tune.study_config import ConfirmSettings
     from guidance_tune.study_spec import check_resources
@@ -196,6 +230,7 @@ def _confirm(args: argparse.Namespace) -> int:
     except ValidationError as error:
         wrong = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"{wrong} (a Welch interval needs 2 seeds per config)") from None
+    quiet_libraries()
     spec, parent, tracking = _study_record(args, args.name)
     if spec.study.arms is not None:
         raise ConfigError(
@@ -230,12 +265,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from guidance_tune.outcome import Outcome
     from guidance_tune.reporting import ConsoleReporter, print_summary, train_recorded
     from guidance_tune.results import compare_runs
-    from guidance_tune.tracking import (
-        RERUN_OF_TAG,
-        ROLE_TAG,
-        RunRecord,
-        load_run_config_from_mlflow,
-    )
+    from guidance_tune.tracking import RunRecord, load_run_config_from_mlflow
     from guidance_tune.tracking_store import check_store, resolve_tracking_uri
     from guidance_tune.train import build_run
 
@@ -247,7 +277,7 @@ def _rerun(args: argparse.Namespace) -> int:
     changes = {"train.epochs": args.epochs, "train.seed": args.seed}
     if args.epochs is None and "epoch" in original_final:
         # a trial stopped early by the scheduler is reproduced up to where it stopped
-        changes["train.stop_after_epochs"] = int(original_final["epoch"]) + 1
+        changes["train.stop_after_epochs"] = int(original_final["epoch"])
     changes = {key: value for key, value in changes.items() if value is not None}
     config = parse_run_config(set_fields(config_to_dict(config), changes), source="rerun")
     for name in user_code(config):
@@ -257,9 +287,30 @@ def _rerun(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(threads))  # CPU sums depend on it: match the original
     run = build_run(config)
-    tags = {RERUN_OF_TAG: args.run_id, ROLE_TAG: "rerun"}
-    record = RunRecord.start(uri, original.info.experiment_id, f"rerun-{config.name}", tags, config)
+    tags = rerun_tags(original)
+    name = f"{original.info.run_name}-rerun"
+    record = RunRecord.start(uri, original.info.experiment_id, name, tags, config, args.command)
     result = train_recorded(run, record, [ConsoleReporter(config.train.epochs, not args.quiet)])
     print_summary(result, record.run_id)
-    print(compare_runs(original_final, result.final, RERUN_KEYS))
+    comparison = compare_runs(original_final, result.final, RERUN_KEYS)
+    heading = f"# {original.info.run_name}: original vs rerun"
+    record.log_artifacts({RERUN_COMPARISON: f"{heading}\n\n```\n{comparison}\n```\n"})
+    print(comparison)
     return 0 if result.status == Outcome.FINISHED else 1
+
+
+def rerun_tags(original) -> dict[str, str]:
+    """A rerun nests where its original is: under the study's parent run beside the trial it
+    repeats, or under a standalone run itself; ``stage=rerun`` keeps it out of the study's
+    ranking and tables."""
+    from guidance_tune.tracking import PARENT_TAG, RERUN_OF_TAG, ROLE_TAG, STAGE_TAG, STUDY_TAG
+
+    tags = {
+        RERUN_OF_TAG: original.info.run_id,
+        ROLE_TAG: "rerun",
+        STAGE_TAG: "rerun",
+        PARENT_TAG: original.data.tags.get(PARENT_TAG, original.info.run_id),
+    }
+    if study := original.data.tags.get(STUDY_TAG):
+        tags[STUDY_TAG] = study
+    return tags

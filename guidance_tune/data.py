@@ -40,6 +40,11 @@ class BatchSource(Protocol):
 
     def num_batches(self, batch_size: int, *, drop_last: bool) -> int: ...
 
+    def digest(self) -> str:
+        """A fingerprint of the split's samples and labels: two runs read the same data when
+        their digests match (MLflow shows it beside the dataset)."""
+        ...
+
     def batches(
         self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
     ) -> Iterator[tuple[Tensor, Tensor]]: ...
@@ -60,6 +65,15 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     such as (0, 1) and (1, 0) unrelated."""
     digest = hashlib.blake2b(f"{seed},{epoch}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    """16 hex digits of the tensors' bytes (their shapes and dtypes included)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
@@ -144,6 +158,9 @@ class TensorSource:
         self.mean, self.std = (s.to(images.device).view(1, -1, 1, 1) for s in stats)
         self.image_size, self.augment = image_size, augment
         self.num_samples = len(labels)
+
+    def digest(self) -> str:
+        return fingerprint(self.images, self.labels)
 
     def num_batches(self, batch_size: int, *, drop_last: bool) -> int:
         return count_batches(self.num_samples, batch_size, drop_last)
@@ -253,6 +270,12 @@ class ImageFolderSource:
         self.images, self.indices = _SeededImages(folder), indices
         self.device, self.num_workers = device, num_workers
         self.num_samples = len(indices)
+
+    def digest(self) -> str:
+        """Of the files and labels the split reads (hashing the images would read them all)."""
+        samples = self.images.folder.samples
+        listing = "\n".join(f"{samples[i][0]}\t{samples[i][1]}" for i in self.indices.tolist())
+        return hashlib.blake2b(listing.encode(), digest_size=8).hexdigest()
 
     def num_batches(self, batch_size: int, *, drop_last: bool) -> int:
         return count_batches(self.num_samples, batch_size, drop_last)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guidance_tune.config import (
     ConfigError,
@@ -26,6 +27,9 @@ from guidance_tune.config import (
 from guidance_tune.outcome import Outcome
 from guidance_tune.study_config import PrepareStep, StudyConfig
 from guidance_tune.tracking import PARENT_TAG, ROLE_TAG, STAGE_TAG, STUDY_TAG, RunRecord
+
+if TYPE_CHECKING:
+    from guidance_tune.trial import TrialTracking
 
 PREPARE_STAGE = "prepare"
 
@@ -57,9 +61,7 @@ def is_prepared(step: PrepareStep, config: RunConfig) -> bool:
         return False
 
 
-def run_prepare_steps(
-    spec: StudyConfig, tracking_uri: str, experiment_id: str, parent_run_id: str
-) -> None:
+def run_prepare_steps(spec: StudyConfig, tracking: TrialTracking) -> None:
     """Train every step whose weights are missing or stale; the rest are said and skipped."""
     from guidance_tune.reporting import BestWeights, ConsoleReporter, train_recorded
     from guidance_tune.train import build_run
@@ -71,13 +73,15 @@ def run_prepare_steps(
             continue
         print(f"prepare {step.name}: training {config.target.name} for {step.weights}", flush=True)
         tags = {
-            PARENT_TAG: parent_run_id,
+            PARENT_TAG: tracking.parent_run_id,
             ROLE_TAG: "trial",
             STAGE_TAG: PREPARE_STAGE,
             STUDY_TAG: spec.base.name,
         }
         name = f"{spec.base.name}-{PREPARE_STAGE}-{step.name}"
-        record = RunRecord.start(tracking_uri, experiment_id, name, tags, config)
+        record = RunRecord.start(
+            tracking.tracking_uri, tracking.experiment_id, name, tags, config, tracking.command
+        )
         reporters = [ConsoleReporter(config.train.epochs), BestWeights(step.weights)]
         result = train_recorded(build_run(config), record, reporters)
         if result.status != Outcome.FINISHED:

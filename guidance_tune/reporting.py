@@ -7,6 +7,7 @@ None of them imports Ray; MLflow is reached through ``tracking.RunRecord`` only.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from guidance_tune.checkpoint import Checkpoint, save_checkpoint, save_file, weights_of
 from guidance_tune.outcome import Outcome
+from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import RunRecord
 from guidance_tune.train import Reporter, Run, TrainResult, fit
 
@@ -73,11 +75,12 @@ def format_metrics(metrics: dict[str, float], keys: Sequence[str] = HEADLINE) ->
 
 
 class ConsoleReporter(Reporter):
-    """A progress bar over each epoch's steps and one summary line per epoch."""
+    """A progress bar over each epoch's steps (on a terminal: redirected, it would only fill
+    the log with carriage returns) and one summary line per epoch."""
 
     def __init__(self, epochs: int, enabled: bool = True) -> None:
         self.epochs = epochs
-        self.enabled = enabled
+        self.enabled = enabled and sys.stderr.isatty()
         self.bar: tqdm | None = None
 
     def step(self, epoch: int, done: int, total: int) -> None:
@@ -91,7 +94,7 @@ class ConsoleReporter(Reporter):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        line = f"epoch {int(metrics['epoch']) + 1}/{self.epochs}  {format_metrics(metrics)}"
+        line = f"epoch {int(metrics['epoch'])}/{self.epochs}  {format_metrics(metrics)}"
         line += f"  ({metrics['epoch_seconds']:.1f} s)"
         if metrics.get("diverged"):
             line += "  DIVERGED: the loss went non-finite or blew up, run stopped"
@@ -105,6 +108,8 @@ def train_recorded(
     diverged, failed with the error, or killed by Ctrl-C; the best weights land first."""
     if record is None:
         return fit(run, Reporters(reporters))
+    test = run.config.train.evaluate_test
+    record.log_inputs(dataset_inputs(run.config.data, run.data, test=test))
     with tempfile.TemporaryDirectory(prefix="guidance-tune-") as scratch:
         best = Path(scratch) / "best.pt"
         recording = Reporters([*reporters, EpochLog(record), BestWeights(best)])

@@ -152,9 +152,12 @@ def rank_trials(rows: list[TrialRow], mode: Mode, top: int | None = 5) -> list[T
 
 
 def varying_params(rows: list[TrialRow]) -> list[str]:
-    """Params that tell the rows apart; the constant ones would only widen the table."""
+    """Params that tell the rows apart; the constant ones would only widen the table. A param
+    a run lacks does nothing in it (an unguided run's guidance weight), so it tells nothing."""
     keys = {key for row in rows for key in row.params}
-    return sorted(key for key in keys if len({row.params.get(key) for row in rows}) > 1)
+    return sorted(
+        key for key in keys if len({row.params[key] for row in rows if key in row.params}) > 1
+    )
 
 
 def format_value(value: float) -> str:
@@ -170,7 +173,11 @@ def param_cell(row: TrialRow, key: str) -> str:
     unguided trial), numbers to 4 significant digits (MLflow keeps the full value)."""
     if row.params.get("guidance.kind") == "none" and key.startswith("guidance."):
         return "" if key != "guidance.kind" else "none"
-    value = row.params.get(key, "-")
+    return short_param(row.params.get(key, ""))
+
+
+def short_param(value: str) -> str:
+    """An MLflow param (a string) to 4 significant digits where it holds a float."""
     try:
         number = float(value)
     except ValueError:

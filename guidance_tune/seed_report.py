@@ -88,7 +88,7 @@ def arm_results(rows: list[TrialRow], order: Sequence[str]) -> list[ArmResult]:
             metric: [row.metrics[metric] for row in runs if metric in row.metrics]
             for metric in TABLE_METRICS
         }
-        epochs = max((int(row.metrics.get("epoch", -1)) + 1 for row in runs), default=0)
+        epochs = max((int(row.metrics.get("epoch", 0)) for row in runs), default=0)
         results.append(ArmResult(arm, len(runs), values, epochs))
     return results
 

@@ -20,7 +20,7 @@ from guidance_tune.outcome import Outcome
 from guidance_tune.results import TrialRow, stage_of, study_children, trial_rows
 from guidance_tune.study_config import StudyConfig
 from guidance_tune.tracking import STAGE_TAG, UNIT_TAG, RunRecord, open_child_runs
-from guidance_tune.trial import TrialTracking, Unit
+from guidance_tune.trial import TrialNamer, TrialTracking, Unit
 
 DONE = (Outcome.FINISHED.value, Outcome.DIVERGED.value)
 # runs a seed table counts: a failed seed is shown as one without a result, not left out
@@ -62,6 +62,7 @@ def run_stage(spec: StudyConfig, tracking: TrialTracking, stage: str, units: lis
             mode=settings.mode,
             scheduler=FIFOScheduler(),
             max_concurrent_trials=settings.max_concurrent_trials,
+            trial_name_creator=TrialNamer(tracking, config_to_dict(spec.base)),
         ),
         run_config=tune.RunConfig(
             # a new experiment per attempt: its finished units are already in MLflow
@@ -70,7 +71,7 @@ def run_stage(spec: StudyConfig, tracking: TrialTracking, stage: str, units: lis
             failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             checkpoint_config=keep_best_checkpoint(),
             callbacks=[
-                ConsoleProgress(settings.metric, settings.mode),
+                ConsoleProgress(tracking, config_to_dict(spec.base)),
                 TrialRecords(tracking, config_to_dict(spec.base)),
             ],
             verbose=0,

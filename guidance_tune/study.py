@@ -13,26 +13,31 @@ run exists, and all but the cluster before Ray starts, so bad input writes nothi
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guidance_tune.config import ConfigError, config_to_dict, require_writable
 from guidance_tune.outcome import Outcome
+from guidance_tune.run_params import study_params
 from guidance_tune.study_config import StudyConfig
 from guidance_tune.study_spec import check_resources, check_study
 from guidance_tune.tracking import (
+    DESCRIPTION_TAG,
     EXPERIMENT_DIR_TAG,
     ROLE_TAG,
     STUDY_ARTIFACT,
     STUDY_TAG,
     RunRecord,
+    command_line,
     ensure_experiment,
-    git_commit,
     open_child_runs,
 )
 from guidance_tune.tracking_store import check_store, resolve_tracking_uri
-from guidance_tune.trial import TrialTracking, run_trial
+from guidance_tune.trial import TrialNamer, TrialTracking, run_trial
+
+if TYPE_CHECKING:
+    from guidance_tune.results import TrialRow
 
 
 @dataclass
@@ -40,6 +45,7 @@ class StudyResult:
     name: str
     parent_run_id: str
     tracking_uri: str
+    experiment_id: str
     best_run_id: str | None
     best_value: float | None
     best_params: dict[str, Any]
@@ -47,6 +53,8 @@ class StudyResult:
     num_errors: int
     interrupted: bool
     seed_table: str | None = None  # the confirmation or arms table, with its verdicts
+    registered: str | None = None  # the winner's model version, or why it has none
+    best_arms: dict[str, TrialRow] = field(default_factory=dict)  # best guided and unguided
 
 
 def _searcher(spec: StudyConfig, baseline: dict[str, Any]):
@@ -86,11 +94,16 @@ def connect(address: str | None) -> None:
     "local" rather than Ray's default: a cluster some other job left running on this machine
     is not silently joined.
     """
+    import logging
+
     import ray
 
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, include_dashboard=False)
+        # Ray's start-up notices are not the study's; Tune's warnings (trials that can't be
+        # placed) still are
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
 
 
 def storage_dir(spec: StudyConfig) -> str:
@@ -99,7 +112,12 @@ def storage_dir(spec: StudyConfig) -> str:
 
 
 def _parent_run(
-    spec: StudyConfig, tracking_uri: str, experiment_id: str, experiment_dir: str, resume: bool
+    spec: StudyConfig,
+    tracking_uri: str,
+    experiment_id: str,
+    experiment_dir: str,
+    resume: bool,
+    command: str,
 ) -> RunRecord:
     """The study's MLflow parent run; --resume finds and reopens the one for these results."""
     tags = {STUDY_TAG: spec.base.name, ROLE_TAG: "study", EXPERIMENT_DIR_TAG: experiment_dir}
@@ -112,9 +130,10 @@ def _parent_run(
             f"arms study {spec.base.name!r} already has runs in MLflow: pass --resume to finish "
             "it (finished seeds are kept), or change the study's name"
         )
-    parent = RunRecord.start(tracking_uri, experiment_id, spec.base.name, tags)
+    parent = RunRecord.start(tracking_uri, experiment_id, spec.base.name, tags, command=command)
+    parent.log_params(study_params(spec))
     parent.log_dict(config_to_dict(spec), STUDY_ARTIFACT)
-    parent.set_tags({**_versions(), **({"git_commit": c} if (c := git_commit()) else {})})
+    parent.set_tags(_versions())
     return parent
 
 
@@ -132,12 +151,21 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _tuner(spec: StudyConfig, bound, experiment_dir: str, resume: bool, baseline, callbacks):
+def _tuner(
+    spec: StudyConfig,
+    tracking: TrialTracking,
+    experiment_dir: str,
+    resume: bool,
+    baseline,
+    callbacks,
+):
     from ray import tune
 
     from guidance_tune.study_callbacks import keep_best_checkpoint
 
     settings = spec.study
+    bound = trainable(spec, tracking)
+    namer = TrialNamer(tracking, config_to_dict(spec.base))
     if resume:
         return tune.Tuner.restore(
             experiment_dir, trainable=bound, resume_unfinished=True, resume_errored=True
@@ -151,6 +179,7 @@ def _tuner(spec: StudyConfig, bound, experiment_dir: str, resume: bool, baseline
             scheduler=_scheduler(spec),
             num_samples=settings.num_trials,
             max_concurrent_trials=settings.max_concurrent_trials,
+            trial_name_creator=namer,
         ),
         run_config=tune.RunConfig(
             name=spec.base.name,
@@ -169,8 +198,10 @@ def launch(
     address: str | None = None,
     tracking_uri: str | None = None,
     resume: bool = False,
+    command: str | None = None,
 ) -> StudyResult:
-    """Run the study to the end (or continue it with ``resume``) and summarise it in MLflow."""
+    """Run the study to the end (or continue it with ``resume``) and summarise it in MLflow;
+    ``command`` launched it (the runs' source; default: this process's command line)."""
     from ray import tune
 
     from guidance_tune.prepare import run_prepare_steps
@@ -195,23 +226,39 @@ def launch(
         )
     connect(address)
     check_resources(spec)
-    experiment_id = ensure_experiment(uri, spec.study.experiment or spec.base.name)
-    parent = _parent_run(spec, uri, experiment_id, experiment_dir, resume)
+    experiment_id = ensure_experiment(
+        uri,
+        spec.study.experiment or spec.base.name,
+        {
+            DESCRIPTION_TAG: spec.study.description or f"guidance-tune study {spec.base.name}",
+            STUDY_TAG: spec.base.name,
+            "study.space": spec.study.space,
+        },
+    )
+    command = command or command_line()
+    parent = _parent_run(spec, uri, experiment_id, experiment_dir, resume, command)
     tracking = TrialTracking(
-        uri, experiment_id, parent.run_id, spec.base.name, spec.study.metric, spec.study.mode
+        uri,
+        experiment_id,
+        parent.run_id,
+        spec.base.name,
+        spec.study.metric,
+        spec.study.mode,
+        command=command,
+        system_metrics_seconds=spec.study.system_metrics_seconds,
     )
     try:
-        run_prepare_steps(spec, uri, experiment_id, parent.run_id)
+        run_prepare_steps(spec, tracking)
         if spec.study.arms is not None:
             return _run_arms_study(spec, tracking, parent, experiment_dir)
         results = _tuner(
             spec,
-            trainable(spec, tracking),
+            tracking,
             experiment_dir,
             resume,
             baseline,
             [
-                ConsoleProgress(spec.study.metric, spec.study.mode),
+                ConsoleProgress(tracking, config_to_dict(spec.base)),
                 TrialRecords(tracking, config_to_dict(spec.base)),
             ],
         ).fit()
@@ -268,6 +315,7 @@ def _run_arms_study(
         name=spec.base.name,
         parent_run_id=parent.run_id,
         tracking_uri=tracking.tracking_uri,
+        experiment_id=tracking.experiment_id,
         best_run_id=None,
         best_value=None,
         best_params={},
@@ -337,8 +385,8 @@ def summarise(
     open_runs = open_child_runs(uri, tracking.experiment_id, parent.run_id)
     interrupted = len(results) < spec.study.num_trials or bool(open_runs)
     summary = {"num_trials": float(len(results)), "num_errors": float(results.num_errors)}
-    if ranked:
-        summary[f"best_{metric}"] = ranked[0].value
+    if ranked:  # the winner's best/... under a child's names: one column for both in the UI
+        summary.update({k: v for k, v in ranked[0].metrics.items() if k.startswith("best/")})
         parent.set_tags({"best_run_id": ranked[0].run_id})
     parent.log_metrics(summary)
     if interrupted:
@@ -351,14 +399,24 @@ def summarise(
         parent.log_artifacts(study_report(rows, curves, metric, mode))
         parent.close(Outcome.FINISHED)
     best = ranked[0] if ranked else None
+    registered = None
+    if best is not None and not interrupted and spec.study.register_model:
+        from guidance_tune.winner_model import try_register
+
+        registered = try_register(uri, best.run_id, spec.base.name)
     return StudyResult(
         name=spec.base.name,
         parent_run_id=parent.run_id,
         tracking_uri=uri,
+        experiment_id=tracking.experiment_id,
         best_run_id=best.run_id if best else None,
         best_value=best.value if best else None,
-        best_params={k: best.params[k] for k in varying_params(ranked)} if best else {},
+        best_params=(
+            {k: best.params[k] for k in varying_params(ranked) if k in best.params} if best else {}
+        ),
         num_trials=len(results),
         num_errors=results.num_errors,
         interrupted=interrupted,
+        best_arms=best_arms(ranked),
+        registered=registered,
     )

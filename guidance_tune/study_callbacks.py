@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from guidance_tune.checkpoint import WEIGHTS_FILE
 from guidance_tune.config import ConfigError
-from guidance_tune.metrics import is_better
+from guidance_tune.metrics import direction, is_better
 from guidance_tune.outcome import Outcome
 from guidance_tune.tracking import (
     STATUS_TAG,
@@ -36,54 +36,90 @@ RETRIES_RAN_OUT = (
 )
 
 
+def trial_epochs(tracking: TrialTracking, base: dict[str, Any], trial) -> int:
+    """The epochs a trial plans to train (a sampled or a unit's ``train.epochs`` included)."""
+    try:
+        return planned_epochs(trial_config(base, tracking.params(trial.config)))
+    except ConfigError:  # the trial fails on its own params; any count will do
+        return 0
+
+
+def short_number(value: Any) -> str:
+    """4 significant digits for a float (an lr of 0.000312 stays readable), others as they are."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def companion_metric(metric: str) -> str:
+    """Shown beside the study metric: the accuracy beside a loss, the loss beside an accuracy."""
+    return "val/loss" if direction(metric) == "max" else "val/top1"
+
+
 class ConsoleProgress(Callback):
-    """One line when a trial starts, reports an epoch, ends or fails, with the best so far."""
+    """One line when a trial starts, reports an epoch, ends or fails, with the best so far.
 
-    def __init__(self, metric: str, mode: str) -> None:
-        self.metric = metric
-        self.mode = mode
+    A trial is called by its run name (``quickstart-03-guided``), epochs count from 1 as in
+    MLflow, and a trial ended early by the scheduler says "stopped", as its MLflow run does.
+    """
+
+    def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
+        self.metric = tracking.metric
+        self.mode = tracking.mode
+        self.tracking = tracking
+        self.base = base
         self.best: tuple[float, str] | None = None
-        self.last: dict[str, float] = {}
-
-    @staticmethod
-    def _label(trial) -> str:
-        """A stage's unit key (``base.s1``) says more than Tune's trial id."""
-        return str(trial.config.get("unit", trial.trial_id))
+        self.last: dict[str, dict[str, float]] = {}
 
     def _running(self, trials) -> str:
         running = sum(1 for t in trials if t.status == "RUNNING")
         done = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
         return f"[{done} done, {running} running]"
 
+    def _say(self, trials, trial, words: str) -> None:
+        print(f"{self._running(trials)} {trial} {words}", flush=True)
+
+    def _values(self, result: dict[str, Any]) -> str:
+        keys = (self.metric, companion_metric(self.metric))
+        return "  ".join(f"{key} {result[key]:.4f}" for key in keys if key in result)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        started = "started" if "unit" in trial.config else f"started: {trial.config}"
-        print(f"{self._running(trials)} {self._label(trial)} {started}", flush=True)
+        if "unit" in trial.config:  # a stage's run: its name says what it is
+            self._say(trials, trial, "started")
+            return
+        params = ", ".join(f"{key}={short_number(v)}" for key, v in sorted(trial.config.items()))
+        self._say(trials, trial, f"started: {params}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         if value is None or not math.isfinite(value):
             return
-        self.last[trial.trial_id] = value
+        self.last[trial.trial_id] = result
         if is_better(value, self.best[0] if self.best else None, self.mode):
-            self.best = (value, self._label(trial))
-        epoch = int(result.get("epoch", 0)) + 1
-        print(
-            f"{self._running(trials)} {self._label(trial)} epoch {epoch}: {self.metric} "
-            f"{value:.4f}  (best so far {self.best[0]:.4f}, {self.best[1]})",
-            flush=True,
+            self.best = (value, str(trial))
+        planned = trial_epochs(self.tracking, self.base, trial)
+        self._say(
+            trials,
+            trial,
+            f"epoch {int(result.get('epoch', 0))}/{planned}: {self._values(result)}  "
+            f"(best so far {self.best[0]:.4f}, {self.best[1]})",
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        value = self.last.get(trial.trial_id, float("nan"))
-        print(f"{self._running(trials)} {self._label(trial)} finished: {self.metric} {value:.4f}")
+        last = self.last.get(trial.trial_id, {})
+        epochs, planned = int(last.get("epoch", 0)), trial_epochs(self.tracking, self.base, trial)
+        if last.get("diverged"):
+            ending = f"diverged at epoch {epochs}"
+        elif epochs < planned:
+            ending = f"stopped by the scheduler after epoch {epochs}/{planned}"
+        else:
+            ending = "finished"
+        values = self._values(last)
+        self._say(trials, trial, f"{ending}: {values}" if values else ending)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._running(trials)} {self._label(trial)} crashed: retrying from its checkpoint")
+        self._say(trials, trial, "crashed: retrying from its checkpoint")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(
-            f"{self._running(trials)} {self._label(trial)} failed (retries exhausted)", flush=True
-        )
+        self._say(trials, trial, "failed (retries exhausted)")
 
 
 def keep_best_checkpoint():
@@ -147,7 +183,7 @@ class TrialRecords(Callback):
             with best_weights(trial) as weights:
                 close_trial_run(
                     record,
-                    planned_epochs=self._planned_epochs(trial),
+                    planned_epochs=trial_epochs(self.tracking, self.base, trial),
                     best_weights=weights,
                     failure=failure,
                 )
@@ -181,11 +217,5 @@ class TrialRecords(Callback):
         uri, experiment = self.tracking.tracking_uri, self.tracking.experiment_id
         found = RunRecord.find_trial(uri, experiment, tags)
         return found or RunRecord.start(
-            uri, experiment, self.tracking.trial_name(trial.trial_id, trial.config), tags
+            uri, experiment, str(trial), tags, command=self.tracking.command
         )
-
-    def _planned_epochs(self, trial) -> int:
-        try:
-            return planned_epochs(trial_config(self.base, self.tracking.params(trial.config)))
-        except ConfigError:  # the trial failed on its own params; any count will do
-            return 0

@@ -96,6 +96,11 @@ class StudySettings(StrictModel):
     space: str = Field(
         default="guidance", description="search space name (search_spaces/), or arms"
     )
+    description: str | None = Field(
+        default=None,
+        description="the MLflow experiment's description; unset: the study file's leading "
+        "comment block (its command, runtime and results)",
+    )
     space_options: dict[str, Any] = Field(
         default_factory=dict, description="keyword options of the search space"
     )
@@ -128,6 +133,17 @@ class StudySettings(StrictModel):
     )
     prepare: list[PrepareStep] = Field(
         default_factory=list, description="runs trained once before the study (trained guides)"
+    )
+    register_model: bool = Field(
+        default=True,
+        description="at the end of a search, register the winner's trained target as a version "
+        "of the MLflow model named after the study (where the store has a model registry)",
+    )
+    system_metrics_seconds: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="sample each trial's CPU, memory and GPU use this often into its MLflow run "
+        "(system/... metrics); null: off",
     )
 
     @field_validator("metric")
@@ -223,6 +239,18 @@ def load_study_config(path: str | Path, overrides: list[str] | None = None) -> S
     """A study file: run sections at the top level (as for ``train``) plus ``study:``."""
     data = apply_overrides(read_yaml(path), overrides or [])
     spec = parse_study_config(data, source=str(path))
-    return spec.model_copy(
-        update={"base": resolve_paths(spec.base), "study": resolve_prepare_paths(spec.study)}
-    )
+    study = resolve_prepare_paths(spec.study)
+    if study.description is None:
+        study = study.model_copy(update={"description": header_comment(Path(path))})
+    return spec.model_copy(update={"base": resolve_paths(spec.base), "study": study})
+
+
+def header_comment(path: Path) -> str:
+    """The comment lines a file opens with, without their ``#``: a study file's header says
+    how to run it and what a real run measured."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.removeprefix("#").removeprefix(" "))
+    return "\n".join(lines).strip()

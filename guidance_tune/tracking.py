@@ -16,13 +16,17 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from guidance_tune.config import ConfigError, RunConfig, config_to_dict, parse_run_config
 from guidance_tune.outcome import Outcome
+from guidance_tune.run_params import acting_params
 from guidance_tune.tracking_store import prepare_store
 
 CONFIG_ARTIFACT = "config.json"
@@ -40,6 +44,9 @@ STAGE_TAG = "stage"  # search, confirm, arms.lr or arms
 UNIT_TAG = "unit"  # a stage run's identity in its study (arm and seed)
 ARM_TAG = "arm"
 CONFIRMS_TAG = "confirms"  # the search trial's run id a confirm run repeats
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"  # the UI's "model training" kind
+DESCRIPTION_TAG = "mlflow.note.content"  # an experiment's or run's description in the UI
 
 
 def mlflow_client(tracking_uri: str):
@@ -48,27 +55,21 @@ def mlflow_client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
 
-def ensure_experiment(tracking_uri: str, name: str) -> str:
+def ensure_experiment(tracking_uri: str, name: str, tags: dict[str, str] | None = None) -> str:
     """Experiment id for ``name``, created if missing, in a store created once (see
-    :func:`~guidance_tune.tracking_store.prepare_store`)."""
+    :func:`~guidance_tune.tracking_store.prepare_store`), marked a training experiment (MLflow
+    3's UI otherwise opens it on its GenAI overview) and given ``tags``: the latest study
+    launched into it describes it."""
     prepare_store(tracking_uri)
     client = mlflow_client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}``: MLflow params are flat strings."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = str(value)
-    return flat
+    wanted = {EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT, **(tags or {})}
+    if experiment is None:
+        return client.create_experiment(name, tags=wanted)
+    for key, value in wanted.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def git_commit() -> str | None:
@@ -83,6 +84,20 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def command_line() -> str:
+    """This process's command as the user typed it (``guidance-tune study launch ...``)."""
+    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500]
+
+
+def source_tags(command: str) -> dict[str, str]:
+    """MLflow's own source tags (the runs table's Source column): the command that made the
+    run, and the commit the package ran at."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": command}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def tag_filter(tags: dict[str, str]) -> str:
@@ -105,7 +120,10 @@ class RunRecord:
         name: str,
         tags: dict[str, str],
         config: RunConfig | None = None,
+        command: str | None = None,
     ) -> RunRecord:
+        """A new run; ``command`` made it (default: this process's command line)."""
+        tags = {**source_tags(command or command_line()), **tags}
         run = mlflow_client(tracking_uri).create_run(experiment_id, run_name=name, tags=tags)
         record = cls(tracking_uri, run.info.run_id)
         if config is not None:
@@ -128,12 +146,13 @@ class RunRecord:
         tags: dict[str, str],
         name: str,
         config: RunConfig,
+        command: str,
     ) -> RunRecord:
         """The run of the trial that ``tags`` name, reopened, or a new one: a trial has exactly
         one run however often it is retried, restored or interrupted."""
         found = cls.find_trial(tracking_uri, experiment_id, tags)
         if found is None:
-            return cls.start(tracking_uri, experiment_id, name, tags, config)
+            return cls.start(tracking_uri, experiment_id, name, tags, config, command)
         found.reopen()
         found.set_tags({TRIAL_ID_TAG: tags[TRIAL_ID_TAG]})  # a stage run again: Tune's new id
         return found
@@ -160,21 +179,48 @@ class RunRecord:
         self._client.update_run(self.run_id, status="RUNNING")
 
     def log_config(self, config: RunConfig) -> None:
-        """Params for the UI and search; ``config.json`` for an exact, typed round trip."""
-        from mlflow.entities import Param
-
-        data = config_to_dict(config)
-        params = [Param(k, v[:6000]) for k, v in flatten(data).items()]
-        for start in range(0, len(params), 100):
-            self._client.log_batch(self.run_id, params=params[start : start + 100])
-        self._client.log_dict(self.run_id, data, CONFIG_ARTIFACT)
+        """Params (the fields that act on this run) for the UI and search; ``config.json``
+        (every field) for an exact, typed round trip."""
+        self.log_params(acting_params(config))
+        self._client.log_dict(self.run_id, config_to_dict(config), CONFIG_ARTIFACT)
         import torch
 
         # CPU results depend on the thread count; a rerun uses the same one to match exactly
         tags = {"seed": str(config.train.seed), "torch.num_threads": str(torch.get_num_threads())}
-        if commit := git_commit():
-            tags["git_commit"] = commit
         self.set_tags(tags)
+
+    def log_inputs(self, inputs: list) -> None:
+        """MLflow ``DatasetInput`` s (see :mod:`~guidance_tune.run_inputs`); logging the same
+        ones again (a retried trial) adds nothing."""
+        self._client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(key, str(value)[:6000]) for key, value in params.items()]
+        for start in range(0, len(batch), 100):
+            self._client.log_batch(self.run_id, params=batch[start : start + 100])
+
+    @contextmanager
+    def system_metrics(self, seconds: float | None) -> Iterator[None]:
+        """MLflow's system metrics (``system/cpu_utilization_percentage``, GPU use where
+        there is one) sampled every ``seconds`` while the block runs; None: none."""
+        if seconds is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=seconds,
+            resume_logging=True,
+            tracking_uri=self.tracking_uri,
+        )
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         self.log_metrics(metrics, step=int(metrics["epoch"]))
@@ -188,8 +234,9 @@ class RunRecord:
             self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, value)
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self._client.log_dict(self.run_id, data, artifact_file)
@@ -241,7 +288,7 @@ def trial_outcome(metrics: dict[str, float], planned_epochs: int) -> tuple[Outco
         return Outcome.FAILED, "the trial ended before its first epoch"
     if metrics.get("diverged"):
         return Outcome.DIVERGED, None
-    if int(metrics["epoch"]) + 1 < planned_epochs:
+    if int(metrics["epoch"]) < planned_epochs:
         return Outcome.STOPPED, None
     return Outcome.FINISHED, None
 

@@ -66,11 +66,11 @@ class Run:
     term: GuideTerm | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    epoch: int = 0  # the next epoch to train
+    epoch: int = 0  # epochs completed, so also the 0-based index of the next one
     step: int = 0
     first_loss: float | None = None  # the scale a blown-up loss is measured against
     best: dict[str, float] = field(default_factory=dict)
-    best_epoch: int | None = None  # by train.select_metric
+    best_epoch: int | None = None  # by train.select_metric, numbered from 1
     best_target: dict[str, Tensor] | None = None  # its weights (CPU), kept for the test split
     history: list[dict[str, float]] = field(default_factory=list)
 
@@ -296,9 +296,9 @@ def update_best(run: Run, metrics: dict[str, float], epoch: int) -> None:
 
 
 def make_checkpoint(run: Run) -> Checkpoint:
-    """The state after the last completed epoch (``run.epoch - 1``)."""
+    """The state after ``run.epoch`` completed epochs (1-based, as every epoch a user sees)."""
     return {
-        "epoch": run.epoch - 1,
+        "epoch": run.epoch,
         "step": run.step,
         "config": config_to_dict(run.config),
         "target": run.target.state_dict(),
@@ -327,7 +327,7 @@ def restore(run: Run, checkpoint: Checkpoint) -> None:
         ) from None
     if run.term is not None and checkpoint["term"] is not None:
         run.term.load_state_dict(checkpoint["term"])
-    run.epoch = checkpoint["epoch"] + 1
+    run.epoch = checkpoint["epoch"]
     run.step = checkpoint["step"]
     run.first_loss = checkpoint["first_loss"]
     run.best = dict(checkpoint["best"])
@@ -357,7 +357,8 @@ def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
             metrics.update(evaluate(run))
         seconds = time.perf_counter() - started
         metrics.update(
-            epoch=float(epoch),
+            epoch=float(epoch + 1),  # epochs completed: the number the console, MLflow
+            # steps, Tune and the figures all show
             step=float(run.step),
             lr=run.optimizer.param_groups[0]["lr"],
             epoch_seconds=seconds,
@@ -366,7 +367,7 @@ def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
             diverged=float(diverged),
         )
         run.scheduler.step()
-        update_best(run, metrics, epoch)
+        update_best(run, metrics, epoch + 1)
         last = diverged or epoch + 1 == planned_epochs(config)
         if last and config.train.evaluate_test:
             metrics.update(evaluate_test(run))

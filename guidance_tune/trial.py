@@ -25,8 +25,10 @@ import ray
 from ray import tune
 
 from guidance_tune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from guidance_tune.config import RunConfig, parse_run_config, set_fields
+from guidance_tune.config import ConfigError, RunConfig, parse_run_config, set_fields
+from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import (
+    ARM_TAG,
     PARENT_TAG,
     ROLE_TAG,
     STAGE_TAG,
@@ -41,10 +43,13 @@ from guidance_tune.train import Reporter, build_run, fit
 @dataclass(frozen=True)
 class Unit:
     """One fixed run of a stage: ``params`` (``section.field`` or whole sections) set on the
-    base run; ``key`` is unique in the study and names the run; ``tags`` say what it is."""
+    base run; ``key`` is unique in the study and finds the run; ``name`` is what the run is
+    called after the study's name (arm and seed, short enough for MLflow's runs table);
+    ``tags`` say what it is."""
 
     key: str
     params: dict[str, Any]
+    name: str
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -61,6 +66,8 @@ class TrialTracking:
     mode: str
     stage: str = "search"
     units: dict[str, Unit] = field(default_factory=dict)
+    command: str = ""  # the driver's command line: the source of every trial's run
+    system_metrics_seconds: float | None = None
 
     def unit(self, trial_params: dict[str, Any]) -> Unit | None:
         return self.units[trial_params["unit"]] if self.units else None
@@ -83,14 +90,40 @@ class TrialTracking:
             tags.update({**unit.tags, UNIT_TAG: unit.key})
         return tags
 
-    def trial_name(self, trial_id: str, trial_params: dict[str, Any]) -> str:
-        unit = self.unit(trial_params)
-        return f"{self.study}-{unit.key if unit else trial_id}"
-
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
     """The base run with each sampled ``section.field`` value set."""
     return parse_run_config(set_fields(base, params), source="trial parameters")
+
+
+ARM_OF_KIND = {"alignment": "guided", "distillation": "distilled", "none": "unguided"}
+
+
+def arm_of(config: RunConfig) -> str:
+    """What a search trial is, in one word, for its run name and ``arm`` tag."""
+    return ARM_OF_KIND[config.guidance.kind]
+
+
+@dataclass(frozen=True)
+class TrialNamer:
+    """Tune's ``trial_name_creator``: ``<study>-<number>-<arm>`` for a search trial (the
+    number is the search's 1-based count, which Tune puts first in the trial's experiment tag),
+    ``<study>-<unit name>`` for a stage's. Tune keeps the name with the trial across restores,
+    and the trial process reads it back (``get_trial_name``) to name its MLflow run, so the
+    console, Tune's folders and MLflow all call a trial the same thing."""
+
+    tracking: TrialTracking
+    base: dict[str, Any]
+
+    def __call__(self, trial) -> str:
+        if (unit := self.tracking.unit(trial.config)) is not None:
+            return f"{self.tracking.study}-{unit.name}"
+        number = int(trial.experiment_tag.split("_", 1)[0])
+        try:
+            arm = arm_of(trial_config(self.base, trial.config))
+        except ConfigError:  # the trial will fail on its params; its number still names it
+            arm = "invalid"
+        return f"{self.tracking.study}-{number:02d}-{arm}"
 
 
 class TuneReporter(Reporter):
@@ -121,17 +154,21 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTr
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     config = trial_config(base, tracking.params(params))
-    trial_id = tune.get_context().get_trial_id()
+    context = tune.get_context()
     record = RunRecord.for_trial(
         tracking.tracking_uri,
         tracking.experiment_id,
-        tracking.trial_tags(trial_id, params),
-        tracking.trial_name(trial_id, params),
+        {ARM_TAG: arm_of(config), **tracking.trial_tags(context.get_trial_id(), params)},
+        context.get_trial_name(),
         config,
+        tracking.command,
     )
     record.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id()})
     try:
-        fit(build_run(config, _restored_checkpoint()), TuneReporter(record, tracking))
+        run = build_run(config, _restored_checkpoint())
+        record.log_inputs(dataset_inputs(config.data, run.data, test=config.train.evaluate_test))
+        with record.system_metrics(tracking.system_metrics_seconds):
+            fit(run, TuneReporter(record, tracking))
     except SystemExit:
         raise  # Tune ended the trial (ASHA, max_t): the driver closes its run
     except BaseException as error:

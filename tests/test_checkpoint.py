@@ -50,7 +50,7 @@ def test_a_checkpoint_carrying_pickled_code_is_refused_and_nothing_runs(
 
 def test_a_checkpoint_round_trips_with_its_rng_streams(checkpoint_dir):
     loaded = load_checkpoint(checkpoint_dir)
-    assert loaded["epoch"] == 0 and "target" in loaded and "optimizer" in loaded
+    assert loaded["epoch"] == 1 and "target" in loaded and "optimizer" in loaded
     run = build_run(tiny_config(), loaded)  # restores every stream without complaint
     assert run.epoch == 1
 
@@ -59,13 +59,13 @@ def test_the_weights_file_alone_loads_as_the_targets_weights(checkpoint_dir):
     config = tiny_config(target={"weights": str(checkpoint_dir / WEIGHTS_FILE)})
     model = create_model(config.target, in_channels=1, image_size=16, num_classes=10, seed=5)
     saved = load_tensors_only(checkpoint_dir / WEIGHTS_FILE)
-    assert saved["epoch"] == 0
+    assert saved["epoch"] == 1  # epochs completed, as the console and MLflow count
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved["model"].items())
 
 
 def test_a_checkpoint_cut_off_between_its_two_files_is_refused(checkpoint_dir):
     weights = load_tensors_only(checkpoint_dir / WEIGHTS_FILE)
-    save_file({**weights, "epoch": 1}, checkpoint_dir / WEIGHTS_FILE)
+    save_file({**weights, "epoch": 2}, checkpoint_dir / WEIGHTS_FILE)
     with pytest.raises(ConfigError, match="mixes two epochs"):
         load_checkpoint(checkpoint_dir)
 

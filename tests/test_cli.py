@@ -62,7 +62,7 @@ def test_train_logs_config_metrics_and_best_checkpoint_to_mlflow(tiny_yaml, tmp_
     assert run.data.params["optim.lr"] == "0.001"
     assert run.data.tags["seed"] == "0"
     history = client.get_metric_history(run_id, "val/loss")
-    assert [m.step for m in history] == [0, 1]
+    assert [m.step for m in history] == [1, 2]  # epochs count from 1, as on the console
     assert load_run_config_from_mlflow(uri, run_id) == load_run_config(tiny_yaml)
     artifacts = [a.path for a in client.list_artifacts(run_id, "checkpoints")]
     assert artifacts == ["checkpoints/best.pt"]

@@ -158,6 +158,7 @@ def test_an_interrupted_study_resumes_with_every_trial_recorded_once_and_whole(
         stop(driver)
         reap(driver)
     (markers / RELEASE_FILE).touch()
+    assert "\x1b" not in log.read_text()  # output to a file: no colour codes from Ray
 
     client = mlflow.MlflowClient(gate.url)
     experiment = client.get_experiment_by_name(name).experiment_id

@@ -46,7 +46,7 @@ def _row(arm, seed, **metrics):
         status="finished",
         value=math.nan,
         params={},
-        metrics={"epoch": 9.0, **metrics},
+        metrics={"epoch": 10.0, **metrics},
         tags={"arm": arm, "seed": str(seed)},
     )
 

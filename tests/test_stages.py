@@ -74,8 +74,9 @@ def test_an_arms_study_prepares_its_guide_and_tables_each_arm_over_its_seeds(
     for run in seeds:
         assert run.data.tags["status"] == "finished"
         assert _history_length(uri, run.info.run_id, "test/top1") == 1  # once, at the end
-        guide = run.data.params.get("guide.weights")
-        assert guide == (str(tmp_path / "guide.pt") if run.data.tags["arm"] == "guided" else "None")
+        guide = run.data.params.get("guide.weights")  # the unguided arm has no guide param
+        assert guide == (str(tmp_path / "guide.pt") if run.data.tags["arm"] == "guided" else None)
+        assert run.info.run_name == "arms-{arm}-s{seed}".format(**run.data.tags)
 
     capsys.readouterr()
     assert main(["study", "table", "arms", "--tracking-uri", uri]) == 0

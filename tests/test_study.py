@@ -1,5 +1,8 @@
 """Studies end to end on a real local Ray and a real SQLite MLflow store."""
 
+import json
+import re
+
 import mlflow
 import pytest
 import torch
@@ -63,22 +66,29 @@ def assert_best_checkpoint_is_the_best_epoch(uri, run, scratch):
     assert evaluate(trained)["val/loss"] == pytest.approx(losses[best_epoch], rel=1e-5)
 
 
+HEADER = "# guidance-tune study launch four.yaml\n# a test study: four trials under ASHA\n"
+
+
 def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     ray_local, tmp_path, capsys
 ):
-    spec = parse_study_config(study_dict("four-trials", tmp_path))
-    result = launch(spec)
-    uri = result.tracking_uri
+    path = tmp_path / "four.yaml"
+    path.write_text(HEADER + yaml.safe_dump(study_dict("four-trials", tmp_path)))
+    assert main(["study", "launch", str(path)]) == 0
+    out = capsys.readouterr().out
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent, children = find_study(uri, "four-trials")
-    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    result_best = parent.data.tags["best_run_id"]
+    assert parent.info.status == "FINISHED"
     assert parent.data.metrics["num_trials"] == 4
     assert len(children) == 4
     assert all(child.info.status == "FINISHED" for child in children)
     client = mlflow.MlflowClient(uri)
+    assert_the_study_reads_well_in_mlflow(client, parent, children, out)
     statuses = []
     for child in children:
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
-        assert epochs == list(range(len(epochs))) and epochs
+        assert epochs == list(range(1, len(epochs) + 1)) and epochs  # counted from 1
         config = load_run_config_from_mlflow(uri, child.info.run_id)
         stopped = len(epochs) < config.train.epochs  # each run says why it ended
         statuses.append(child.data.tags["status"])
@@ -87,29 +97,95 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
         # stopped by ASHA or not, the best epoch's weights reached MLflow
         assert_best_checkpoint_is_the_best_epoch(uri, child, tmp_path / child.info.run_id)
     assert "stopped" in statuses, "ASHA stopped no trial: the study tests less than it says"
+    assert "stopped by the scheduler after epoch" in out  # as its run says, not "finished"
     baseline = [c for c in children if c.data.params["guidance.kind"] == "none"]
     assert baseline, "the unguided arm is always evaluated"
-    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "report")}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert "report/val_curves.png" in artifacts
-    assert "best trial" not in capsys.readouterr().out  # launch() itself prints only progress
+    assert_the_winner_is_a_registered_model(uri, result_best, "four-trials", tmp_path / "w")
 
     # `study best` ranks by the best epoch and exports the winner's config
     export = tmp_path / "winner.yaml"
     args = ["study", "best", "four-trials", "--tracking-uri", uri, "--export", str(export)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert result.best_run_id[:8] in out
-    assert load_run_config(export) == load_run_config_from_mlflow(uri, result.best_run_id)
+    assert result_best[:8] in out
+    assert load_run_config(export) == load_run_config_from_mlflow(uri, result_best)
 
-    # `rerun` reproduces the winner exactly, without Ray
-    assert main(["rerun", result.best_run_id, "--tracking-uri", uri, "--quiet"]) == 0
-    reruns = client.search_runs(
-        [parent.info.experiment_id], f"tags.rerun_of = '{result.best_run_id}'"
-    )
+    # `rerun` reproduces the winner exactly, without Ray, nested beside it under the study
+    assert main(["rerun", result_best, "--tracking-uri", uri, "--quiet"]) == 0
+    reruns = client.search_runs([parent.info.experiment_id], f"tags.rerun_of = '{result_best}'")
     assert len(reruns) == 1
-    original = client.get_run(result.best_run_id).data.metrics
-    assert reruns[0].data.metrics["val/loss"] == original["val/loss"]
-    assert reruns[0].data.metrics["best/loss"] == original["best/loss"]
+    (rerun,) = reruns
+    assert rerun.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert rerun.info.run_name == client.get_run(result_best).info.run_name + "-rerun"
+    comparison = client.download_artifacts(rerun.info.run_id, "rerun/comparison.md", tmp_path)
+    assert "original" in open(comparison).read() and "best/loss" in open(comparison).read()
+    original = client.get_run(result_best).data.metrics
+    assert rerun.data.metrics["val/loss"] == original["val/loss"]
+    assert rerun.data.metrics["best/loss"] == original["best/loss"]
+    _, children_after = find_study(uri, "four-trials")
+    capsys.readouterr()
+    assert main(["study", "best", "four-trials", "--tracking-uri", uri, "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 4  # the rerun is not a trial
+    assert len(children_after) == 5
+
+
+def assert_the_study_reads_well_in_mlflow(client, parent, children, console):
+    """What a user sees opening the MLflow UI, and at the end of the console output."""
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"] == HEADER.replace("# ", "").strip()
+    assert experiment.tags["study"] == "four-trials"
+    numbers = set()
+    for child in children:
+        name, params = child.info.run_name, child.data.params
+        match = re.fullmatch(r"four-trials-(\d\d)-(guided|unguided)", name)
+        assert match, name
+        numbers.add(match[1])
+        assert child.data.tags["arm"] == match[2]
+        if match[2] == "unguided":  # only params that act on the run
+            assert params["guidance.kind"] == "none"
+            assert not [
+                k for k in params if k.startswith(("guidance.", "guide.")) and k != "guidance.kind"
+            ]
+        else:
+            assert "guidance.weight" in params and "guide.name" in params
+        inputs = {i.tags[0].value: i.dataset for i in child.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "val"}  # a search never reads test
+        assert json.loads(inputs["val"].profile)["num_rows"] > 0
+        assert inputs["train"].name == "synthetic-train" and len(inputs["train"].digest) == 16
+        assert child.data.tags["mlflow.source.name"].startswith("guidance-tune study launch")
+    assert numbers == {"01", "02", "03", "04"}
+    digests = {i.dataset.digest for c in children for i in c.inputs.dataset_inputs}
+    assert len(digests) == 2  # every trial read the same train and val samples
+    best = client.get_run(parent.data.tags["best_run_id"])
+    assert parent.data.metrics["best/loss"] == best.data.metrics["best/loss"]
+    assert parent.data.params["space"] == "guidance"
+    assert parent.data.params["num_trials"] == "4"
+    assert parent.data.params["scheduler"] == "asha"
+    assert parent.data.params["metric"] == "best/loss"
+    assert "best guided best/loss" in console and "vs best unguided best/loss" in console
+    assert "mlflow ui --backend-store-uri sqlite:///" in console
+    assert "\x1b" not in console
+
+
+def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
+    """``mlflow.pytorch.load_model`` on the registered version gives the trial's target: the
+    same logits as its best checkpoint's weights on a batch."""
+    client = mlflow.MlflowClient(uri)
+    (version,) = client.search_model_versions(f"name = '{study}'")
+    assert version.run_id == run_id
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        loaded = mlflow.pytorch.load_model(f"models:/{study}/{version.version}")
+    config = load_run_config_from_mlflow(uri, run_id)
+    trained = build_run(config)
+    path = client.download_artifacts(run_id, BEST_WEIGHTS_ARTIFACT, str(scratch))
+    trained.target.load_state_dict(torch.load(path, weights_only=True)["model"])
+    images, _ = next(trained.data.val.batches(8, epoch=0, seed=0, shuffle=False, drop_last=False))
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), trained.target.eval()(images), atol=1e-6)
 
 
 def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_local, tmp_path):
@@ -126,7 +202,7 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(ra
         assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
         assert "error" not in child.data.tags  # the crash it recovered from is not its end
         history = client.get_metric_history(child.info.run_id, "val/loss")
-        assert sorted({m.step for m in history}) == [0, 1, 2]
+        assert sorted({m.step for m in history}) == [1, 2, 3]
         assert_best_checkpoint_is_the_best_epoch(result.tracking_uri, child, tmp_path / "best")
 
 

@@ -48,10 +48,10 @@ def test_resume_from_a_checkpoint_continues_bitwise(tmp_path):
     config = tiny_config()
     uninterrupted = Recorder()
     train(config, uninterrupted)
-    path = save_checkpoint(uninterrupted.checkpoints[0], tmp_path / "epoch0")
+    path = save_checkpoint(uninterrupted.checkpoints[0], tmp_path / "epoch1")
     resumed = Recorder()
     result = train(config, resumed, checkpoint=load_checkpoint(path))
-    assert [m["epoch"] for m in resumed.metrics] == [1.0, 2.0]
+    assert [m["epoch"] for m in resumed.metrics] == [2.0, 3.0]  # epochs completed
     assert _without_timing(result.history) == _without_timing(uninterrupted.metrics)
     final_a = uninterrupted.checkpoints[-1]["target"]
     final_b = resumed.checkpoints[-1]["target"]
@@ -138,7 +138,9 @@ def test_the_best_epoch_by_the_selection_metric_is_marked_improved():
         improved = metrics["val/top1"] > best_so_far  # strictly: a tie keeps the earlier epoch
         best_so_far = max(best_so_far, metrics["val/top1"])
         assert metrics["improved"] == float(improved)
-        best_epoch = max(e for e, m in enumerate(recorder.metrics[: epoch + 1]) if m["improved"])
+        best_epoch = max(
+            e for e, m in enumerate(recorder.metrics[: epoch + 1], start=1) if m["improved"]
+        )
         assert metrics["best_epoch"] == best_epoch
     assert recorder.metrics[-1]["best/top1"] == best_so_far
 
@@ -202,7 +204,7 @@ def test_the_test_split_is_read_once_at_the_end_on_the_best_val_epoch(tmp_path):
     result = train(config, recorder)
     assert [any(k.startswith("test/") for k in m) for m in recorder.metrics] == [0, 0, 0, 1]
     best_epoch = int(result.final["best_epoch"])
-    best = recorder.checkpoints[best_epoch]["target"]
+    best = recorder.checkpoints[best_epoch - 1]["target"]  # epochs count from 1
     check = build_run(config)
     check.target.load_state_dict(best)
     expected = evaluate(check, "test")

@@ -1,0 +1,145 @@
+"""A study's winner as an MLflow model: the trained target, registered under the study's name.
+
+The winning trial's run keeps its best epoch's weights (``checkpoints/best.pt``) and its exact
+config; here they become a PyTorch model logged on that run, with an input example and a
+signature taken from its validation data, and a version of the registered model named after the
+study. ``mlflow.pytorch.load_model("models:/<study>/<version>")`` then gives the trained target
+back, ready for inference, without this package's config or checkpoint formats.
+
+The model takes images normalised as training fed them (per-channel, with the training split's
+statistics); the input example shows the shape and the scale.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from guidance_tune.config import ConfigError
+from guidance_tune.tracking import (
+    BEST_WEIGHTS_ARTIFACT,
+    load_run_config_from_mlflow,
+    mlflow_client,
+)
+
+MODEL_NAME = "model"  # the logged model's name in its run
+EXAMPLE_SIZE = 2
+
+
+@dataclass(frozen=True)
+class RegisteredWinner:
+    name: str
+    version: str
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's model logging reads the process-wide tracking URI; set it for the call only
+    (``set_tracking_uri`` also sets $MLFLOW_TRACKING_URI, which is put back as it was)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if before is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def trained_target(tracking_uri: str, run_id: str, weights_dir: Path):
+    """The run's target with its best epoch's weights, in eval mode on the CPU, and a batch of
+    validation images as the model sees them."""
+    import torch
+    from mlflow.exceptions import MlflowException
+
+    from guidance_tune.data import load_data
+    from guidance_tune.models import create_model
+
+    config = load_run_config_from_mlflow(tracking_uri, run_id)
+    try:
+        weights = mlflow_client(tracking_uri).download_artifacts(
+            run_id, BEST_WEIGHTS_ARTIFACT, str(weights_dir)
+        )
+    except (MlflowException, OSError):
+        raise ConfigError(
+            f"run {run_id} has no {BEST_WEIGHTS_ARTIFACT}: it never finished an epoch, so "
+            "there is no trained target to register"
+        ) from None
+    data = load_data(config.data, torch.device("cpu"))
+    shape = {
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+    }
+    spec = config.target.model_copy(update={"weights": Path(weights)})
+    target = create_model(spec, seed=config.train.seed, **shape).eval()
+    batches = data.val.batches(EXAMPLE_SIZE, epoch=0, seed=0, shuffle=False, drop_last=False)
+    images, _ = next(batches)
+    return target, images
+
+
+def _requirements() -> list[str]:
+    import torch
+    import torchvision
+
+    return [  # without the local build tag (+cu130): an index has the plain version
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"torchvision=={torchvision.__version__.split('+')[0]}",
+    ]
+
+
+def register_winner(tracking_uri: str, run_id: str, study: str) -> RegisteredWinner:
+    """Log the run's trained target as an MLflow PyTorch model on the run, and register it as
+    a new version of the model named ``study``. A ConfigError says why a store can't."""
+    import mlflow
+    import torch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory(prefix="guidance-tune-") as scratch:
+        target, images = trained_target(tracking_uri, run_id, Path(scratch))
+        with torch.no_grad():
+            logits = target(images)
+        example = images.numpy()
+        signature = infer_signature(example, logits.numpy())
+        try:
+            with _tracking_uri(tracking_uri):
+                logged = mlflow.pytorch.log_model(
+                    target,
+                    name=MODEL_NAME,
+                    signature=signature,
+                    input_example=example,
+                    registered_model_name=study,
+                    run_id=run_id,
+                    # torch.export's program, not a pickle: loading runs no code of ours (nor
+                    # anyone's), and needs torch only, not this package
+                    serialization_format="pt2",
+                    pip_requirements=_requirements(),  # inferring them reloads the model
+                )
+        except MlflowException as error:
+            raise ConfigError(
+                f"could not register run {run_id}'s model as {study!r} at {tracking_uri}: "
+                f"{error.message}"
+            ) from None
+    version = logged.registered_model_version
+    return RegisteredWinner(study, str(version), run_id)
+
+
+def try_register(tracking_uri: str, run_id: str, study: str) -> str:
+    """What a study says at its end: the winner's model version and how to load it, or why it
+    has none (a store without a registry); never fatal to the study."""
+    try:
+        winner = register_winner(tracking_uri, run_id, study)
+    except ConfigError as error:
+        return f"the winner was not registered: {error}"
+    return f"the winner is registered: mlflow.pytorch.load_model({winner.uri!r})"
