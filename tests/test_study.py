@@ -73,7 +73,8 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     ray_local, tmp_path, capsys
 ):
     path = tmp_path / "four.yaml"
-    path.write_text(HEADER + yaml.safe_dump(study_dict("four-trials", tmp_path)))
+    study = study_dict("four-trials", tmp_path, system_metrics_seconds=0.2)
+    path.write_text(HEADER + yaml.safe_dump(study))
     assert main(["study", "launch", str(path)]) == 0
     out = capsys.readouterr().out
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -157,6 +158,7 @@ def assert_the_study_reads_well_in_mlflow(client, parent, children, console):
         assert inputs["train"].name == "synthetic-train" and len(inputs["train"].digest) == 16
         assert child.data.tags["mlflow.source.name"].startswith("guidance-tune study launch")
     assert numbers == {"01", "02", "03", "04"}
+    assert any("system/cpu_utilization_percentage" in child.data.metrics for child in children)
     digests = {i.dataset.digest for c in children for i in c.inputs.dataset_inputs}
     assert len(digests) == 2  # every trial read the same train and val samples
     best = client.get_run(parent.data.tags["best_run_id"])
