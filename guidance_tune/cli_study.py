@@ -22,12 +22,12 @@ def add_study_commands(commands) -> None:
     launch.add_argument("--resume", action="store_true", help="continue an interrupted study")
     launch.add_argument("--smoke-test", action="store_true", help="2 tiny trials on the CPU")
     add_overrides_option(launch, "study.num_trials=16")
-    launch.set_defaults(handler=_launch)
+    launch.set_defaults(handler=_launch, quiet_libraries=True)
 
     check = actions.add_parser("check", help="validate a study file without launching it")
     check.add_argument("spec", type=Path)
     add_overrides_option(check, "study.num_trials=16")
-    check.set_defaults(handler=_check)
+    check.set_defaults(handler=_check, quiet_libraries=True)
 
     best = actions.add_parser("best", help="rank a study's trials by their best epoch")
     best.add_argument("name", help="study name")
@@ -55,7 +55,7 @@ def add_study_commands(commands) -> None:
     confirm.add_argument("--address", help="join this Ray cluster ('auto', host:port)")
     confirm.add_argument("--tracking-uri")
     confirm.add_argument("--experiment", help="MLflow experiment (default: the study name)")
-    confirm.set_defaults(handler=_confirm)
+    confirm.set_defaults(handler=_confirm, quiet_libraries=True)
 
     table = actions.add_parser(
         "table", help="the seed table (mean +- std on test) of arms or confirmed studies"
@@ -93,10 +93,8 @@ def _load(args):
 
 
 def _check(args: argparse.Namespace) -> int:
-    from guidance_tune.console import quiet_libraries
     from guidance_tune.study_spec import check_study
 
-    quiet_libraries()
     spec = _load(args)
     check_study(spec)
     settings = spec.study
@@ -112,12 +110,11 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from guidance_tune.console import guided_vs_unguided, quiet_libraries, ui_hint
+    from guidance_tune.console import guided_vs_unguided, ui_hint
     from guidance_tune.results import short_param
     from guidance_tune.study import launch
     from guidance_tune.study_spec import smoke
 
-    quiet_libraries()
     spec = _load(args)
     if args.smoke_test:
         spec = smoke(spec)
@@ -220,7 +217,6 @@ def _confirm(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from guidance_tune.config import ConfigError
-    from guidance_tune.console import quiet_libraries
     from guidance_tune.study import confirm, connect
     from guidance_tune.study_config import ConfirmSettings
     from guidance_tune.study_spec import check_resources
@@ -230,7 +226,6 @@ def _confirm(args: argparse.Namespace) -> int:
     except ValidationError as error:
         wrong = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
         raise ConfigError(f"{wrong} (a Welch interval needs 2 seeds per config)") from None
-    quiet_libraries()
     spec, parent, tracking = _study_record(args, args.name)
     if spec.study.arms is not None:
         raise ConfigError(

@@ -125,8 +125,8 @@ def _probe_database(uri: str) -> None:
             pass
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as error:
         raise ConfigError(
-            f"tracking URI {uri}: its database driver is not installed ({error}); install it "
-            "(for PostgreSQL: pip install psycopg2-binary, with a postgresql+psycopg2:// URI)"
+            f"tracking URI {uri}: its database driver is not installed ({error}); install it (for "
+            "PostgreSQL: pip install 'guidance-tune[server]', with a postgresql+psycopg2:// URI)"
         ) from None
     except sqlalchemy.exc.SQLAlchemyError as error:
         reason = str(error).strip().splitlines()[0]

@@ -26,6 +26,7 @@ from ray import tune
 
 from guidance_tune.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from guidance_tune.config import ConfigError, RunConfig, parse_run_config, set_fields
+from guidance_tune.console import quiet_trial_process
 from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import (
     ARM_TAG,
@@ -153,6 +154,7 @@ def _restored_checkpoint() -> Checkpoint | None:
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTracking) -> None:
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
+    quiet_trial_process()
     config = trial_config(base, tracking.params(params))
     context = tune.get_context()
     record = RunRecord.for_trial(

@@ -1,10 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from .processes import free_port, http_ok, start, stop, wait_until
+from .processes import serve_mlflow
 
 # Quiet, offline, no files in the home directory: set before Ray or MLflow start, so trial
 # processes inherit them.
@@ -39,13 +38,5 @@ def ray_local(tmp_path_factory):
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, served artifacts) on loopback for the session."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--backend-store-uri", f"sqlite:///{root}/server.db"]
-    command += ["--artifacts-destination", str(root / "artifacts")]
-    server = start(command, root / "server.log", {**os.environ, "RAY_ADDRESS": ""})
-    try:
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 90, "mlflow server")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(server)
+    with serve_mlflow(root, f"sqlite:///{root}/server.db") as url:
+        yield url

@@ -158,7 +158,7 @@ FAILURES = {
         ["train", "{tiny}", "--tracking-uri", "http://127.0.0.1:9"],
         "did not answer",
     ),
-    # its driver missing (as in this venv) or, with psycopg2 installed, nothing listening
+    # nothing listens there (or, installed without the [server] extra, its driver is missing)
     "PostgreSQL store it can't use": (
         ["train", "{tiny}", "--tracking-uri", "postgresql+psycopg2://u@127.0.0.1:9/mlflow"],
         "postgresql+psycopg2://u@127.0.0.1:9/mlflow",

@@ -1,4 +1,5 @@
-"""A study on a real 2-node Ray cluster logging to a real `mlflow server`, all on loopback."""
+"""The team deployment, for real and on loopback: a 2-node Ray cluster (with the dashboard that
+takes `ray job submit`) and `mlflow server` on PostgreSQL or SQLite with served artifacts."""
 
 import os
 import shutil
@@ -11,53 +12,62 @@ import mlflow
 import pytest
 import yaml
 
-from .processes import free_port, start, stop, wait_until
+from .processes import (
+    free_port,
+    http_ok,
+    postgres_bin,
+    private_postgres,
+    serve_mlflow,
+    start,
+    stop,
+    wait_until,
+)
 from .test_study import study_dict
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def env():
-    return {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    # the package's commands on the nodes' $PATH, as on a cluster where it is installed
+    path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
+    return {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "PATH": path}
 
 
-@pytest.fixture
-def two_node_cluster(tmp_path, env):
-    port = free_port()
-    ray_temp = tempfile.mkdtemp(prefix="gt-ray-")  # socket paths must stay under 107 bytes
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory, env):
+    """Yields (Ray address, job submission address)."""
+    logs = tmp_path_factory.mktemp("cluster")
+    port, dashboard_port = free_port(), free_port()
+    # socket paths must stay under 107 bytes; one directory per node, as on separate machines
+    # (a shared one lets a node's clean-up of a job's working dir pull it from under the other)
+    head_temp, worker_temp = tempfile.mkdtemp(prefix="gt-ray-"), tempfile.mkdtemp(prefix="gt-ray-")
     common = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
+    dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     head = start(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--port",
-            str(port),
-            "--include-dashboard",
-            "false",
-            "--temp-dir",
-            ray_temp,
-            *common,
-        ],
-        tmp_path / "head.log",
+        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", head_temp]
+        + dashboard
+        + common,
+        logs / "head.log",
         env,
     )
-    address = f"127.0.0.1:{port}"
+    address, jobs = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
     worker = None
     try:
-        wait_until(lambda: "Ray runtime started" in (tmp_path / "head.log").read_text(), 90, "head")
+        wait_until(lambda: "Ray runtime started" in (logs / "head.log").read_text(), 90, "head")
         worker = start(
-            [str(BIN / "ray"), "start", "--address", address, *common],
-            tmp_path / "worker.log",
+            [str(BIN / "ray"), "start", "--address", address, "--temp-dir", worker_temp, *common],
+            logs / "worker.log",
             env,
         )
         wait_until(lambda: _node_count(address, env) == 2, 90, "second node")
-        yield address
+        wait_until(lambda: http_ok(f"{jobs}/api/version"), 90, "job submission")
+        yield address, jobs
     finally:
         stop(worker, head)
-        shutil.rmtree(ray_temp, ignore_errors=True)
+        for temp in (head_temp, worker_temp):
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _node_count(address: str, env) -> int:
@@ -71,22 +81,50 @@ def _node_count(address: str, env) -> int:
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
-def test_a_study_on_a_two_node_cluster_logs_over_http_to_an_mlflow_server(
-    tmp_path, env, mlflow_server, two_node_cluster
-):
+@pytest.fixture(scope="module")
+def postgres_mlflow_server(tmp_path_factory):
+    """`mlflow server` on a private PostgreSQL cluster: the README's team server."""
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    root = tmp_path_factory.mktemp("mlflow-postgres")
+    with private_postgres(bin_dir) as database, serve_mlflow(root, database) as url:
+        yield url, root / "artifacts"
+
+
+def write_study(tmp_path, name, tracking_uri) -> Path:
+    """Two trials at once, one per node: the unguided baseline and one guided."""
     spec = study_dict(
-        "two-nodes",
+        name,
         tmp_path,
         num_trials=2,
         max_concurrent_trials=2,
         scheduler={"kind": "fifo"},
-        tracking_uri=mlflow_server,
-        baseline_first=False,
+        tracking_uri=tracking_uri,
     )
-    path = tmp_path / "two-nodes.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def assert_both_nodes_logged_the_study(uri, name):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    children = client.search_runs([experiment.experiment_id], "tags.`guidance_tune.role` = 'trial'")
+    assert len(children) == 2
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert len({child.data.tags["ray.node_id"] for child in children}) == 2
+    assert all(client.list_artifacts(child.info.run_id) for child in children)
+    return experiment, children
+
+
+def test_a_study_on_a_two_node_cluster_logs_to_an_mlflow_server_on_postgresql(
+    tmp_path, env, postgres_mlflow_server, two_node_cluster
+):
+    uri, artifacts_destination = postgres_mlflow_server
+    path = write_study(tmp_path, "two-nodes", uri)
     launched = subprocess.run(
-        [str(BIN / "guidance-tune"), "study", "launch", str(path), "--address", two_node_cluster],
+        ["guidance-tune", "study", "launch", str(path), "--address", two_node_cluster[0]],
         capture_output=True,
         text=True,
         env=env,
@@ -94,11 +132,29 @@ def test_a_study_on_a_two_node_cluster_logs_over_http_to_an_mlflow_server(
         cwd=tmp_path,
     )
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
-    client = mlflow.MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("two-nodes")
-    children = client.search_runs([experiment.experiment_id], "tags.`guidance_tune.role` = 'trial'")
-    assert len(children) == 2
-    assert all(child.info.status == "FINISHED" for child in children)
-    assert len({child.data.tags["ray.node_id"] for child in children}) == 2
-    assert all(client.list_artifacts(child.info.run_id) for child in children)
-    assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local store instead
+    experiment, children = assert_both_nodes_logged_the_study(uri, "two-nodes")
+    # the artifacts went through the server to its destination, nothing to a local store
+    assert list(artifacts_destination.glob(f"{experiment.experiment_id}/*/artifacts/*"))
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    (version,) = mlflow.MlflowClient(uri).search_model_versions("name = 'two-nodes'")
+    assert version.run_id in {child.info.run_id for child in children}
+    console = launched.stdout
+    assert "best guided best/loss" in console and "vs best unguided best/loss" in console
+    assert f"open it in MLflow: {uri}/#/experiments/{experiment.experiment_id}" in console
+    assert "\x1b" not in console + launched.stderr
+
+
+def test_ray_job_submit_runs_a_study_on_the_cluster(tmp_path, env, mlflow_server, two_node_cluster):
+    write_study(tmp_path, "submitted", mlflow_server)
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", two_node_cluster[1], "--working-dir", "."]
+        + ["--", "guidance-tune", "study", "launch", "submitted.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    assert_both_nodes_logged_the_study(mlflow_server, "submitted")
+    assert "best guided best/loss" in submitted.stdout  # the job's output reaches the submitter
