@@ -126,7 +126,7 @@ def _launch(args: argparse.Namespace) -> int:
         command=args.command,
     )
     print(f"\nstudy {result.name}: {result.num_trials} trials, {result.num_errors} failed")
-    print(ui_hint(result.tracking_uri, result.experiment_id))
+    print(ui_hint(result.tracking_uri, result.experiment_id, result.name))
     if result.interrupted:
         print(f"interrupted: continue with `guidance-tune study launch {args.spec} --resume`")
         return 130

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -228,7 +230,9 @@ class TrainConfig(StrictModel):
 class RunConfig(StrictModel):
     """One training run: what a standalone run, a rerun and every study trial execute."""
 
-    name: str = "run"
+    name: str = Field(
+        default="run", description="letters, digits, '_', '.' and '-', from a letter or digit"
+    )
     target: ModelConfig = Field(default_factory=lambda: ModelConfig(name="deep_fcn"))
     guide: ModelConfig | None = Field(default_factory=lambda: ModelConfig(name="resnet18"))
     data: DataConfig = Field(default_factory=DataConfig)
@@ -236,6 +240,17 @@ class RunConfig(StrictModel):
     noise_warmup: NoiseWarmupConfig = Field(default_factory=NoiseWarmupConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # it names the MLflow experiment and registered model, Tune's folder and search filters
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(
+                f"{name!r} can't name an experiment, a model and a folder: use letters, digits, "
+                "'_', '.' and '-', starting with a letter or digit"
+            )
+        return name
 
     @model_validator(mode="after")
     def _guide_when_guided(self) -> RunConfig:

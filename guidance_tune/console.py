@@ -13,6 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from guidance_tune.mlflow_view import runs_page
 from guidance_tune.tracking_store import sqlite_path
 
 if TYPE_CHECKING:
@@ -53,17 +54,14 @@ def quiet_trial_process() -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def ui_hint(tracking_uri: str, experiment_id: str) -> str:
-    """How to look at the study: the command that serves a local store, or the server's page."""
-    page = f"#/experiments/{experiment_id}"
-    if (path := sqlite_path(tracking_uri)) is not None:
-        return (
-            f"open it in MLflow: mlflow ui --backend-store-uri sqlite:///{path}, "
-            f"then http://127.0.0.1:5000/{page}"
-        )
+def ui_hint(tracking_uri: str, experiment_id: str, study: str) -> str:
+    """How to look at the study: the command that serves a local store, or the server's page,
+    opening on the study's runs (:mod:`mlflow_view`)."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open it in MLflow: {tracking_uri.rstrip('/')}/{page}"
-    return f"open it in MLflow: mlflow ui --backend-store-uri {tracking_uri}"
+        return f"open it in MLflow: {runs_page(tracking_uri, experiment_id, study)}"
+    store = f"sqlite:///{path}" if (path := sqlite_path(tracking_uri)) else tracking_uri
+    page = runs_page("http://127.0.0.1:5000", experiment_id, study)
+    return f"open it in MLflow: mlflow ui --backend-store-uri {store}, then {page}"
 
 
 def _arm_line(row: TrialRow, metric: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from guidance_tune.config import ConfigError, config_to_dict, require_writable
+from guidance_tune.mlflow_view import runs_view, write_runs_view
 from guidance_tune.outcome import Outcome
 from guidance_tune.run_params import study_params
 from guidance_tune.study_config import StudyConfig
@@ -235,6 +236,9 @@ def launch(
             "study.space": spec.study.space,
         },
     )
+    seeded = ("seed",) if spec.study.arms is not None else ()  # the arms' runs differ by seed
+    view = runs_view(spec.base.name, spec.study.metric, spec.study.mode, tags=seeded)
+    write_runs_view(uri, experiment_id, spec.base.name, view)
     command = command or command_line()
     parent = _parent_run(spec, uri, experiment_id, experiment_dir, resume, command)
     tracking = TrialTracking(
@@ -381,6 +385,11 @@ def summarise(
     children = study_children(uri, tracking.experiment_id, parent.run_id)
     rows = trial_rows(ranked_runs(children), metric)
     ranked = rank_trials(rows, mode, top=None)
+    searched_params = [
+        key for key in varying_params(ranked) if key != "guidance.kind"
+    ]  # arm says it
+    searched = runs_view(spec.base.name, metric, mode, params=searched_params)
+    write_runs_view(uri, tracking.experiment_id, spec.base.name, searched)
     # every trial Tune completed or gave up on has its run closed: one still open was cut off
     open_runs = open_child_runs(uri, tracking.experiment_id, parent.run_id)
     interrupted = len(results) < spec.study.num_trials or bool(open_runs)

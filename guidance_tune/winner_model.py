@@ -12,9 +12,10 @@ statistics); the input example shows the shape and the scale.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,8 +113,8 @@ def register_winner(tracking_uri: str, run_id: str, study: str) -> RegisteredWin
             logits = target(images)
         example = images.numpy()
         signature = infer_signature(example, logits.numpy())
-        try:
-            with _tracking_uri(tracking_uri):
+        try:  # MLflow prints "Successfully registered ...": the study says it in its summary
+            with _tracking_uri(tracking_uri), redirect_stderr(io.StringIO()):
                 logged = mlflow.pytorch.log_model(
                     target,
                     name=MODEL_NAME,
@@ -131,8 +132,31 @@ def register_winner(tracking_uri: str, run_id: str, study: str) -> RegisteredWin
                 f"could not register run {run_id}'s model as {study!r} at {tracking_uri}: "
                 f"{error.message}"
             ) from None
-    version = logged.registered_model_version
-    return RegisteredWinner(study, str(version), run_id)
+    winner = RegisteredWinner(study, str(logged.registered_model_version), run_id)
+    _describe(tracking_uri, winner, tuple(images.shape[1:]), logits.shape[1])
+    return winner
+
+
+def _describe(tracking_uri: str, winner: RegisteredWinner, image_shape, num_classes) -> None:
+    """What the registry page says about the version: where it comes from, how it did, how to
+    load it and what it takes."""
+    client = mlflow_client(tracking_uri)
+    run = client.get_run(winner.run_id)
+    scores = ", ".join(
+        f"{key} {value:.4f}"
+        for key, value in sorted(run.data.metrics.items())
+        if key.startswith("best/")
+    )
+    client.update_model_version(
+        winner.name,
+        winner.version,
+        description=(
+            f"The trained target of trial {run.info.run_name} ({scores}). "
+            f"Load it with mlflow.pytorch.load_model('{winner.uri}'): it takes images of shape "
+            f"(batch, {', '.join(map(str, image_shape))}), normalised as training fed them, and "
+            f"returns logits over {num_classes} classes."
+        ),
+    )
 
 
 def try_register(tracking_uri: str, run_id: str, study: str) -> str:

@@ -88,6 +88,7 @@ def test_train_checkpoint_then_resume_finishes_the_remaining_epochs(tiny_yaml, t
 
 BAD_CONFIGS = [
     ("target: {name: deep_fcn}\nlearning_rate: 0.1\n", "learning_rate: unknown key"),
+    ("name: it's mine\n", "can't name an experiment"),
     ("train: {epochs: many}\n", "train.epochs"),
     (
         "target: {name: deep_fnc}\ndata: {synthetic_samples: 64}\ntrain: {batch_size: 16}\n",

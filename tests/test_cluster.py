@@ -12,6 +12,8 @@ import mlflow
 import pytest
 import yaml
 
+from guidance_tune.mlflow_view import runs_page
+
 from .processes import (
     free_port,
     http_ok,
@@ -92,7 +94,7 @@ def postgres_mlflow_server(tmp_path_factory):
         yield url, root / "artifacts"
 
 
-def write_study(tmp_path, name, tracking_uri) -> Path:
+def write_study(tmp_path, name, tracking_uri, **study) -> Path:
     """Two trials at once, one per node: the unguided baseline and one guided."""
     spec = study_dict(
         name,
@@ -101,6 +103,7 @@ def write_study(tmp_path, name, tracking_uri) -> Path:
         max_concurrent_trials=2,
         scheduler={"kind": "fifo"},
         tracking_uri=tracking_uri,
+        **study,
     )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -140,12 +143,13 @@ def test_a_study_on_a_two_node_cluster_logs_to_an_mlflow_server_on_postgresql(
     assert version.run_id in {child.info.run_id for child in children}
     console = launched.stdout
     assert "best guided best/loss" in console and "vs best unguided best/loss" in console
-    assert f"open it in MLflow: {uri}/#/experiments/{experiment.experiment_id}" in console
+    page = runs_page(uri, experiment.experiment_id, "two-nodes")
+    assert f"open it in MLflow: {page}" in console
     assert "\x1b" not in console + launched.stderr
 
 
 def test_ray_job_submit_runs_a_study_on_the_cluster(tmp_path, env, mlflow_server, two_node_cluster):
-    write_study(tmp_path, "submitted", mlflow_server)
+    write_study(tmp_path, "submitted", mlflow_server, register_model=False)  # tested above
     submitted = subprocess.run(
         ["ray", "job", "submit", "--address", two_node_cluster[1], "--working-dir", "."]
         + ["--", "guidance-tune", "study", "launch", "submitted.yaml"],

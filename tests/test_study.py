@@ -170,6 +170,24 @@ def assert_the_study_reads_well_in_mlflow(client, parent, children, console):
     assert "best guided best/loss" in console and "vs best unguided best/loss" in console
     assert "mlflow ui --backend-store-uri sqlite:///" in console
     assert "\x1b" not in console
+    assert_the_printed_link_opens_on_the_trials(client, experiment, children, console)
+
+
+def assert_the_printed_link_opens_on_the_trials(client, experiment, children, console):
+    """The link's view (an experiment tag the UI reads) lists exactly the trials, by MLflow's own
+    search, sorted by the study's metric, with columns every trial has."""
+    (key,) = re.findall(r"[?&]viewStateShareKey=([\w-]+)", console)
+    assert re.search(r"#/experiments/\d+/runs\?workflowType=machine_learning&", console)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    listed = client.search_runs([experiment.experiment_id], view["searchFilter"])
+    assert {r.info.run_id for r in listed} == {c.info.run_id for c in children}
+    assert view["orderByKey"] == "metrics.`best/loss`" and view["orderByAsc"] is True
+    shown = set(view["selectedColumns"])
+    assert {"tags.`arm`", "metrics.`best/loss`", "metrics.`best/top1`"} <= shown
+    assert "params.`guidance.weight`" in shown  # the study searched it
+    for column in shown:
+        kind, name = re.fullmatch(r"(\w+)\.`(.+)`", column).groups()
+        assert any(name in getattr(c.data, kind) for c in children), column
 
 
 def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
@@ -178,6 +196,7 @@ def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
     client = mlflow.MlflowClient(uri)
     (version,) = client.search_model_versions(f"name = '{study}'")
     assert version.run_id == run_id
+    assert f"mlflow.pytorch.load_model('models:/{study}/1')" in version.description
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         loaded = mlflow.pytorch.load_model(f"models:/{study}/{version.version}")
