@@ -89,6 +89,7 @@ class StepRun:
     term: Guidance | None
     precision: str
     device: torch.device
+    task: str = "classification"
 
     def autocast(self):
         return autocast(self.precision, self.device)

@@ -66,9 +66,9 @@ DEFAULT_DATA_ROOTS = {
 
 
 class DataConfig(StrictModel):
-    name: Literal["synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"] = (
-        "synthetic"
-    )
+    name: Literal[
+        "synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "copy_paste"
+    ] = "synthetic"
     root: Path | None = Field(
         default=None,
         description="dataset directory; unset: the dataset's usual place (DEFAULT_DATA_ROOTS)",
@@ -92,7 +92,12 @@ class DataConfig(StrictModel):
         default=None, ge=4, description="resize images to this side; None keeps the native size"
     )
     augment: bool = Field(default=False, description="random crop + horizontal flip on the device")
-    synthetic_samples: int = Field(default=4096, ge=16, description="synthetic: samples generated")
+    synthetic_samples: int = Field(
+        default=4096, ge=16, description="synthetic, copy_paste: samples generated"
+    )
+    copy_lengths: tuple[int, int] = Field(
+        default=(20, 40), description="copy_paste: shortest and longest digit string copied"
+    )
     synthetic_classes: int = Field(default=10, ge=2, description="synthetic: number of patterns")
     synthetic_size: int = Field(default=32, ge=12, description="synthetic: canvas side in pixels")
     num_workers: int = Field(default=4, ge=0, description="imagefolder only: loader processes")
@@ -110,6 +115,13 @@ class DataConfig(StrictModel):
                     "test is read only by `study confirm` and arms studies; remove it"
                 )
         return data
+
+    @field_validator("copy_lengths")
+    @classmethod
+    def _lengths_in_order(cls, lengths: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= lengths[0] <= lengths[1]:
+            raise ValueError(f"{list(lengths)}: give [shortest, longest], 1 <= shortest <= longest")
+        return lengths
 
     @model_validator(mode="after")
     def _usual_root(self) -> DataConfig:
@@ -215,7 +227,7 @@ class TrainConfig(StrictModel):
         description="the run has diverged when its training loss exceeds this multiple of its "
         "first step's loss (a non-finite loss always is); null: only non-finite",
     )
-    select_metric: Literal["val/loss", "val/top1", "val/top5"] = Field(
+    select_metric: Literal["val/loss", "val/top1", "val/top5", "val/acc"] = Field(
         default="val/loss",
         description="the validation metric whose best epoch is the run's best (its weights are "
         "kept as checkpoints/best.pt); a study sets it from study.metric",

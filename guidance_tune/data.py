@@ -52,12 +52,25 @@ class BatchSource(Protocol):
 
 @dataclass
 class DataSplits:
+    """The three splits and the shape models are built for. ``task`` says what a batch is
+    (:mod:`tasks`): ``classification`` (images, a label each) or ``tokens`` (int64 token
+    sequences ``(b, T)``, a target token per position), where ``in_channels`` is the input
+    vocabulary and ``image_size`` the sequence length ``T``."""
+
     train: BatchSource
     val: BatchSource
     test: BatchSource
     in_channels: int
     image_size: int
     num_classes: int
+    task: str = "classification"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, as a model takes it."""
+        if self.task == "classification":
+            return (self.in_channels, self.image_size, self.image_size)
+        return (self.image_size,)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -202,6 +215,10 @@ def load_data(config: DataConfig, device: torch.device) -> DataSplits:
     statistics of the training part, so val and test see what training saw."""
     if config.name == "imagefolder":
         return load_imagefolder(config, device)
+    if config.name == "copy_paste":
+        from guidance_tune.sequences import load_copy_paste
+
+        return load_copy_paste(config, device)
     raw = READERS[config.name](config)
     has_test_split = raw.test_images is not None and raw.test_labels is not None
     index = split_indices(len(raw.train_labels), config, has_test_split=has_test_split)

@@ -7,6 +7,7 @@ queries all decide "is this value better" here, so they can never disagree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 Mode = Literal["min", "max"]
@@ -16,9 +17,11 @@ REPORTED_METRICS = (
     "best/loss",
     "best/top1",
     "best/top5",
+    "best/acc",
     "val/loss",
     "val/top1",
     "val/top5",
+    "val/acc",
     "train/loss",
     "train/task_loss",
     "train/guidance_loss",
@@ -27,8 +30,18 @@ REPORTED_METRICS = (
     "peak_memory_gib",
 )
 # Validation metrics that can pick a run's best epoch (``train.select_metric``).
-SELECTABLE_METRICS = ("val/loss", "val/top1", "val/top5")
-_HIGHER_IS_BETTER = ("top1", "top5", "samples_per_second")
+SELECTABLE_METRICS = ("val/loss", "val/top1", "val/top5", "val/acc")
+_HIGHER_IS_BETTER = ("top1", "top5", "acc", "samples_per_second")
+
+
+# The accuracy a run reports: a classification's top-1, a token task's token accuracy.
+ACCURACIES = ("top1", "acc")
+
+
+def accuracy_in(reported: Iterable[str], prefix: str) -> str | None:
+    """``<prefix>/top1`` or ``<prefix>/acc``, whichever of them ``reported`` holds."""
+    names = set(reported)
+    return next((f"{prefix}/{a}" for a in ACCURACIES if f"{prefix}/{a}" in names), None)
 
 
 def direction(metric: str) -> Mode:

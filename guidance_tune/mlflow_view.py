@@ -20,7 +20,6 @@ from urllib.parse import quote
 from guidance_tune.tracking import ARM_TAG, ROLE_TAG, STATUS_TAG, STUDY_TAG, mlflow_client
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-ACCURACY = "best/top1"
 MAX_PARAM_COLUMNS = 4  # a wider table scrolls the metrics out of sight
 
 
@@ -35,11 +34,17 @@ def _column(kind: str, name: str) -> str:
 
 
 def runs_view(
-    study: str, metric: str, mode: str, params: Sequence[str] = (), tags: Sequence[str] = ()
+    study: str,
+    metric: str,
+    mode: str,
+    params: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    accuracy: str = "best/top1",
 ) -> dict:
     """The study's runs without the parent (child runs would fold under it), so every trial is a
-    row; the parent and its report are one click away, on any trial's page."""
-    metrics = [metric] + [ACCURACY] * (metric != ACCURACY)
+    row; the parent and its report are one click away, on any trial's page. ``accuracy`` is
+    the task's (``best/acc`` for a token task)."""
+    metrics = [metric] + [accuracy] * (metric != accuracy)
     columns = [_column("tags", tag) for tag in (ARM_TAG, *tags)]
     columns += [_column("metrics", name) for name in metrics]
     columns += [_column("params", name) for name in params[:MAX_PARAM_COLUMNS]]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from guidance_tune.config import ConfigError, config_to_dict
-from guidance_tune.metrics import Mode, best_first
+from guidance_tune.metrics import Mode, accuracy_in, best_first
 from guidance_tune.tracking import (
     PARENT_TAG,
     ROLE_TAG,
@@ -185,8 +185,12 @@ def short_param(value: str) -> str:
     return f"{number:.4g}" if any(c in value for c in ".eE") else value
 
 
-def shown_metrics(metric: str) -> list[str]:
-    return [metric] + ([ACCURACY_COLUMN] if metric != ACCURACY_COLUMN else [])
+def shown_metrics(metric: str, rows: Sequence[TrialRow] = ()) -> list[str]:
+    """The ranking metric, then the accuracy the rows report (top-1 unless they report a
+    token task's accuracy) where that is not the ranking metric already."""
+    reported = {key for row in rows for key in row.metrics}
+    accuracy = accuracy_in(reported, "best") or ACCURACY_COLUMN
+    return [metric] + ([accuracy] if metric != accuracy else [])
 
 
 def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
@@ -207,7 +211,7 @@ def table_lines(rows: list[TrialRow], params: Sequence[str], metric: str) -> lis
     accuracy, the params."""
     return [
         [str(rank), row.run_id[:8], row.name, row.status, format_value(row.value)]
-        + [format_value(row.metrics.get(key, math.nan)) for key in shown_metrics(metric)[1:]]
+        + [format_value(row.metrics.get(key, math.nan)) for key in shown_metrics(metric, rows)[1:]]
         + [param_cell(row, key) for key in params]
         for rank, row in enumerate(rows, start=1)
     ]
@@ -221,7 +225,7 @@ def format_rows(
         if not rows:
             return f"no trial reported {metric}"
         return text_table(
-            ["rank", "run", "name", "status", *shown_metrics(metric), *params],
+            ["rank", "run", "name", "status", *shown_metrics(metric, rows), *params],
             table_lines(rows, params, metric),
         )
     records = [

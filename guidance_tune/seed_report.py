@@ -24,8 +24,15 @@ from guidance_tune.tracking import ARM_TAG
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-TABLE_METRICS = ("test/top1", "test/top5", "test/loss")
-COMPARED_METRIC = "test/top1"
+# per test metric a run may report (by task, :mod:`tasks`): its column and its name in words;
+# a table shows those its rows have, and compares arms on the first accuracy among them
+TABLE_METRICS = {
+    "test/top1": ("test top-1 %", "test top-1"),
+    "test/top5": ("test top-5 %", "test top-5"),
+    "test/acc": ("test acc %", "test token accuracy"),
+    "test/loss": ("test loss", "test loss"),
+}
+COMPARED_METRICS = {"test/top1": "top-1", "test/acc": "acc"}  # and their short names
 # the task loss, not train/loss: that includes the guidance term, which only guided arms have
 CURVE_METRICS = ("train/task_loss", "val/loss")
 TABLE_ARTIFACT = "report/seeds.md"
@@ -69,6 +76,11 @@ class ArmResult:
     values: dict[str, list[float]]
     epochs: int
 
+    @property
+    def compared(self) -> str:
+        """The accuracy arms are compared on: top-1 for images, token accuracy for tokens."""
+        return next((m for m in COMPARED_METRICS if self.values.get(m)), "test/top1")
+
     def mean_std(self, metric: str) -> tuple[float, float]:
         values = self.values.get(metric, [])
         if not values:
@@ -103,39 +115,51 @@ def _cell(mean: float, spread: float, scale: float) -> str:
 
 def _scale(metric: str) -> float:
     """Accuracies in percent (points), losses as they are."""
-    return 100.0 if metric.endswith(("top1", "top5")) else 1.0
+    return 100.0 if metric.endswith(("top1", "top5", "acc")) else 1.0
 
 
 def compare(result: ArmResult, reference: ArmResult) -> Interval | None:
-    a, b = result.values.get(COMPARED_METRIC, []), reference.values.get(COMPARED_METRIC, [])
+    metric = reference.compared
+    a, b = result.values.get(metric, []), reference.values.get(metric, [])
     return welch_interval(a, b) if len(a) > 1 and len(b) > 1 else None
 
 
 def verdict(result: ArmResult, reference: ArmResult) -> str:
-    """One line: who beats whom on test top-1, by how many points, with the interval."""
+    """One line: who beats whom on the test accuracy, by how many points, with the interval."""
     interval = compare(result, reference)
     name, other = result.arm, reference.arm
     if interval is None:
         return f"{name} vs {other}: too few seeds with a test result for an interval"
+    metric = reference.compared
+    words = TABLE_METRICS[metric][1]
     points = f"{abs(interval.difference) * 100:.1f} points"
     ci = f"(95% Welch CI {interval.low * 100:+.1f}..{interval.high * 100:+.1f})"
-    seeds = f"{len(result.values[COMPARED_METRIC])} vs {len(reference.values[COMPARED_METRIC])}"
+    seeds = f"{len(result.values[metric])} vs {len(reference.values[metric])}"
     if interval.low > 0:
-        return f"{name} beats {other} on test top-1 by {points} {ci}, {seeds} seeds"
+        return f"{name} beats {other} on {words} by {points} {ci}, {seeds} seeds"
     if interval.high < 0:
-        return f"{other} beats {name} on test top-1 by {points} {ci}, {seeds} seeds"
-    return f"no significant difference between {name} and {other} on test top-1 {ci}"
+        return f"{other} beats {name} on {words} by {points} {ci}, {seeds} seeds"
+    return f"no significant difference between {name} and {other} on {words} {ci}"
+
+
+def table_metrics(results: list[ArmResult]) -> list[str]:
+    """The test metrics some arm reported, in the table's order (top-1 and top-5, or token
+    accuracy, then the loss); the image columns when none did yet."""
+    reported = [m for m in TABLE_METRICS if any(r.values.get(m) for r in results)]
+    return reported or ["test/top1", "test/top5", "test/loss"]
 
 
 def table_cells(results: list[ArmResult], reference: str) -> tuple[list[str], list[list[str]]]:
     """Header and rows: arm, seeds, epochs, each metric's mean +- std, the difference."""
-    header = ["arm", "seeds", "epochs", "test top-1 %", "test top-5 %", "test loss"]
-    header.append(f"top-1 vs {reference} (95% CI)")
+    metrics = table_metrics(results)
+    compared = next((m for m in metrics if m in COMPARED_METRICS), "test/top1")
+    header = ["arm", "seeds", "epochs", *(TABLE_METRICS[m][0] for m in metrics)]
+    header.append(f"{COMPARED_METRICS[compared]} vs {reference} (95% CI)")
     base = next((r for r in results if r.arm == reference), None)
     lines = []
     for result in results:
         cells = [result.arm, _seeds(result), str(result.epochs)]
-        cells += [_cell(*result.mean_std(m), _scale(m)) for m in TABLE_METRICS]
+        cells += [_cell(*result.mean_std(m), _scale(m)) for m in metrics]
         interval = None if base is None or result is base else compare(result, base)
         cells.append("-" if interval is None else _points(interval))
         lines.append(cells)
@@ -149,7 +173,7 @@ def _points(interval: Interval) -> str:
 
 def _seeds(result: ArmResult) -> str:
     """Seeds with a test result; of how many runs, when some have none (failed, diverged)."""
-    counted = len(result.values.get(COMPARED_METRIC, []))
+    counted = len(result.values.get(result.compared, []))
     return str(counted) if counted == result.runs else f"{counted} of {result.runs}"
 
 
@@ -178,11 +202,12 @@ def seed_csv(results: list[ArmResult]) -> str:
     """One line per arm with full-precision means and stds, for pandas or a paper's table."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    columns = [f"{m}_{stat}" for m in TABLE_METRICS for stat in ("mean", "std", "n")]
+    metrics = table_metrics(results)
+    columns = [f"{m}_{stat}" for m in metrics for stat in ("mean", "std", "n")]
     writer.writerow(["arm", "runs", "epochs", *columns])
     for result in results:
         cells: list[str] = []
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             mean, spread = result.mean_std(metric)
             cells += [_number(mean), _number(spread), str(len(result.values.get(metric, [])))]
         writer.writerow([result.arm, result.runs, result.epochs, *cells])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from guidance_tune.checkpoint import WEIGHTS_FILE
 from guidance_tune.config import ConfigError
-from guidance_tune.metrics import direction, is_better
+from guidance_tune.metrics import accuracy_in, direction, is_better
 from guidance_tune.outcome import Outcome
 from guidance_tune.tracking import (
     STATUS_TAG,
@@ -49,9 +49,12 @@ def short_number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def companion_metric(metric: str) -> str:
-    """Shown beside the study metric: the accuracy beside a loss, the loss beside an accuracy."""
-    return "val/loss" if direction(metric) == "max" else "val/top1"
+def companion_metric(metric: str, reported: Iterable[str]) -> str:
+    """Shown beside the study metric: the accuracy beside a loss (top-1, or a token task's
+    accuracy), the loss beside an accuracy."""
+    if direction(metric) == "max":
+        return "val/loss"
+    return accuracy_in(reported, "val") or "val/top1"
 
 
 class ConsoleProgress(Callback):
@@ -78,7 +81,7 @@ class ConsoleProgress(Callback):
         print(f"{self._running(trials)} {trial} {words}", flush=True)
 
     def _values(self, result: dict[str, Any]) -> str:
-        keys = (self.metric, companion_metric(self.metric))
+        keys = (self.metric, companion_metric(self.metric, result))
         return "  ".join(f"{key} {result[key]:.4f}" for key in keys if key in result)
 
     def on_trial_start(self, iteration, trials, trial, **info):

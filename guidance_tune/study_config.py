@@ -18,6 +18,7 @@ from guidance_tune.config import (
     resolve_paths,
 )
 from guidance_tune.metrics import REPORTED_METRICS, direction, selection_metric
+from guidance_tune.tasks import accuracy_metric, task_of
 
 
 class SchedulerConfig(StrictModel):
@@ -194,6 +195,20 @@ class StudyConfig(StrictModel):
 
     base: RunConfig
     study: StudySettings
+
+    @model_validator(mode="after")
+    def _metric_fits_the_task(self) -> StudyConfig:
+        """Image runs report top-1 and top-5, token runs a token accuracy: ranking by the other
+        kind would rank trials that never report it."""
+        accuracy = accuracy_metric(task_of(self.base.data.name))
+        name = self.study.metric.rpartition("/")[2]
+        reported = ("acc",) if accuracy == "acc" else ("top1", "top5")
+        if name in ("top1", "top5", "acc") and name not in reported:
+            raise ValueError(
+                f"study.metric {self.study.metric}: {self.base.data.name} runs report no {name}; "
+                f"rank by best/{accuracy} or best/loss"
+            )
+        return self
 
     @model_validator(mode="after")
     def _best_epoch_follows_metric(self) -> StudyConfig:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidance_tune.checkpoint import Checkpoint, rng_state, seed_everything, set_rng_state
@@ -31,6 +30,7 @@ from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
 from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
 from guidance_tune.outcome import Outcome
+from guidance_tune.tasks import score_sums, scores, task_loss
 
 
 class Reporter:
@@ -73,6 +73,10 @@ class Run:
     best_epoch: int | None = None  # by train.select_metric, numbered from 1
     best_target: dict[str, Tensor] | None = None  # its weights (CPU), kept for the test split
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        return self.data.task
 
     def autocast(self):
         if self.device.type == "cuda" and self.config.train.precision == "bf16":
@@ -147,7 +151,7 @@ def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
         if run.term is not None:
             run.term.prepare(x, guide_inputs=guide_x)
         logits = run.target(x)
-        task = F.cross_entropy(logits.float(), y)
+        task = task_loss(run.task, logits, y)
         if run.term is None:
             return task, torch.zeros((), device=x.device)
         return task, run.term(x, logits, guide_inputs=guide_x)
@@ -233,26 +237,19 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
 
 @torch.no_grad()
 def evaluate(run: Run, split: str = "val") -> dict[str, float]:
-    """``<split>/loss``, ``/top1`` (and ``/top5`` beyond 5 classes) of the current weights."""
+    """``<split>/loss`` and the task's scores (:mod:`tasks`) of the current weights."""
     run.target.eval()
-    sums = torch.zeros(4, device=run.device)  # loss, top1, top5, samples
-    k = min(5, run.data.num_classes)
+    task, num_classes = run.data.task, run.data.num_classes
+    sums = None
     batches = getattr(run.data, split).batches(
         run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
     )
     for x, y in itertools.islice(batches, run.config.train.max_eval_batches):
         with run.autocast():
-            logits = run.target(x).float()
-        top = logits.topk(k, dim=1).indices
-        hits = top == y[:, None]
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).float()
-        sums += torch.cat([loss[None], counts, loss.new_tensor([len(y)])])
-    loss, top1, top5 = (sums[:3] / sums[3]).tolist()
-    metrics = {f"{split}/loss": loss, f"{split}/top1": top1}
-    if run.data.num_classes > 5:
-        metrics[f"{split}/top5"] = top5
-    return metrics
+            logits = run.target(x)
+        batch = score_sums(task, logits, y, num_classes)
+        sums = batch if sums is None else sums + batch
+    return scores(task, sums, split, num_classes)
 
 
 def evaluate_test(run: Run) -> dict[str, float]:

@@ -11,6 +11,11 @@ SMALL_KWARGS = {
     "wide_fcn": {"depth": 2, "width": 32},
     "deep_convnet": {"layers": [1, 1, 1, 1], "width": 8},
 }
+# ... and of every sequence model: tokens (b, T) in, logits (b, T, V) out
+SMALL_SEQUENCE_KWARGS = {
+    "rnn_lm": {"embed_dim": 8, "hidden_size": 12, "num_layers": 2},
+    "transformer_decoder": {"d_model": 8, "nhead": 2, "dim_feedforward": 8, "num_layers": 2},
+}
 
 
 def build(name: str, seed: int = 0, *, in_channels=3, image_size=32, num_classes=10, **fields):
@@ -28,7 +33,20 @@ def test_the_papers_targets_are_registered():
     assert {"deep_fcn", "wide_fcn", "deep_convnet"} <= set(list_models())
 
 
-@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_is_checked_below():
+    assert set(list_models()) == set(SMALL_KWARGS) | set(SMALL_SEQUENCE_KWARGS)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SEQUENCE_KWARGS))
+def test_every_sequence_model_gives_logits_per_position(name):
+    model = build(
+        name, kwargs=SMALL_SEQUENCE_KWARGS[name], in_channels=13, image_size=20, num_classes=11
+    )
+    assert model(torch.randint(0, 13, (4, 20))).shape == (4, 20, 11)
+    assert model(torch.randint(0, 13, (4, 7))).shape == (4, 7, 11)  # shorter sequences too
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_KWARGS))
 @pytest.mark.parametrize("in_channels,image_size,num_classes", [(1, 28, 10), (3, 32, 100)])
 def test_every_target_gives_logits_per_class(name, in_channels, image_size, num_classes):
     model = build(

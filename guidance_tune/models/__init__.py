@@ -158,4 +158,4 @@ def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) 
 
 
 # Imported last: these modules register their builders with the decorator defined above.
-from guidance_tune.models import convnet, fcn  # noqa: E402, F401
+from guidance_tune.models import convnet, fcn, sequence  # noqa: E402, F401

@@ -1,0 +1,146 @@
+"""Sequence models for the token tasks, laid out as the authors build them (notes A.7).
+
+Builders take the registry's ``(in_channels, image_size, num_classes)`` as (input vocabulary,
+sequence length, output vocabulary) and map ``(b, T)`` int64 tokens to logits ``(b, T, V)``.
+Every width and depth is a kwarg. Layers are named so that a mapping reads as the paper
+describes it: ``rnns.2`` is the third RNN layer, ``layers.3`` the fourth decoder layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from guidance_tune.models import register_model
+
+
+class RNNLM(nn.Module):
+    """Embedding, ``num_layers`` stacked single-layer tanh RNNs (each one hooked layer), then a
+    Linear to the vocabulary. Every layer starts from a zero state (the authors hand layer i's
+    final state to layer i + 1, which reads the whole sequence before the next one starts)."""
+
+    def __init__(
+        self, vocab_size: int, num_classes: int, embed_dim: int, hidden_size: int, num_layers: int
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        sizes = [embed_dim] + [hidden_size] * num_layers
+        self.rnns = nn.ModuleList(
+            nn.RNN(width_in, hidden_size, batch_first=True) for width_in in sizes[:-1]
+        )
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.embed(tokens)
+        for rnn in self.rnns:
+            hidden, _ = rnn(hidden)
+        return self.head(hidden)
+
+
+@register_model("rnn_lm")
+def rnn_lm(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    embed_dim: int = 256,
+    hidden_size: int = 512,
+    num_layers: int = 4,
+) -> nn.Module:
+    del image_size  # any length
+    return RNNLM(in_channels, num_classes, embed_dim, hidden_size, num_layers)
+
+
+def sinusoidal_positions(length: int, width: int) -> Tensor:
+    """The Transformer paper's fixed position code ``(length, width)``."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(1e4) / width))
+    code = torch.zeros(length, width)
+    code[:, 0::2] = torch.sin(position * frequency)
+    code[:, 1::2] = torch.cos(position * frequency[: width // 2])
+    return code
+
+
+def causal_mask(length: int, device: torch.device) -> Tensor:
+    """True where a position may not look: every later position."""
+    return torch.triu(torch.ones(length, length, dtype=torch.bool, device=device), diagonal=1)
+
+
+class TransformerDecoder(nn.Module):
+    """Embedding times sqrt(d) plus sinusoidal positions (with dropout), ``num_layers``
+    ``nn.TransformerDecoderLayer`` calls (post-LN, batch first), then a Linear to the vocabulary.
+
+    ``layout="authors"``: one layer instance called ``num_layers`` times (tied weights), its
+    cross-attention reading its own input without a mask, as the released code does; harmless
+    for copy-paste, whose answers lie in the past, but it sees the future. ``layout="causal"``:
+    ``num_layers`` separate layers, each cross-attending to the embedded input under the same
+    causal mask as its self-attention, so no position sees a later one.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        max_length: int,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        num_layers: int,
+        dropout: float,
+        layout: str,
+    ) -> None:
+        super().__init__()
+        if layout not in ("authors", "causal"):
+            raise ValueError(f"layout {layout!r}: choose authors or causal")
+        self.layout, self.num_layers, self.d_model = layout, num_layers, d_model
+        self.embed = nn.Embedding(vocab_size, d_model)
+        positions = sinusoidal_positions(max_length, d_model)
+        self.register_buffer("positions", positions, persistent=False)
+        self.drop = nn.Dropout(dropout)
+        count = 1 if layout == "authors" else num_layers
+        self.layers = nn.ModuleList(
+            nn.TransformerDecoderLayer(
+                d_model, nhead, dim_feedforward, dropout=dropout, batch_first=True
+            )
+            for _ in range(count)
+        )
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        embedded = self.embed(tokens) * math.sqrt(self.d_model) + self.positions[:length]
+        hidden = self.drop(embedded)
+        mask = causal_mask(length, tokens.device)
+        for index in range(self.num_layers):
+            if self.layout == "authors":
+                hidden = self.layers[0](hidden, hidden, tgt_mask=mask)
+            else:
+                layer = self.layers[index]
+                hidden = layer(hidden, embedded, tgt_mask=mask, memory_mask=mask)
+        return self.head(hidden)
+
+
+@register_model("transformer_decoder")
+def transformer_decoder(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    d_model: int = 512,
+    nhead: int = 16,
+    dim_feedforward: int = 512,
+    num_layers: int = 4,
+    dropout: float = 0.1,
+    layout: str = "authors",
+) -> nn.Module:
+    return TransformerDecoder(
+        in_channels,
+        num_classes,
+        image_size,
+        d_model,
+        nhead,
+        dim_feedforward,
+        num_layers,
+        dropout,
+        layout,
+    )
