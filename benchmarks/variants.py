@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from guidance_tune.config import ModelConfig
 from guidance_tune.guidance import Guidance
 from guidance_tune.models import create_model
+from guidance_tune.tasks import CLASSIFICATION, Task
 from guidance_tune.train import guided_loss, resolve_device
 
 VARIANTS = ("plain", "guide", "guided")
@@ -89,7 +90,7 @@ class StepRun:
     term: Guidance | None
     precision: str
     device: torch.device
-    task: str = "classification"
+    task: Task = CLASSIFICATION
 
     def autocast(self):
         return autocast(self.precision, self.device)

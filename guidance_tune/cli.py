@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from guidance_tune.cli_study import add_overrides_option, add_study_commands
-from guidance_tune.config import ConfigError, load_run_config
+from guidance_tune.config import GENERATED_DATASETS, ConfigError, load_run_config
 from guidance_tune.console import quiet_libraries
 
 EXIT_BAD_INPUT = 2
@@ -52,6 +52,12 @@ def _add_layers(commands) -> None:
     parser.add_argument("--in-channels", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument(
+        "--data",
+        choices=GENERATED_DATASETS,
+        help="build the models for this dataset and discover their layers on its inputs (token "
+        "sequences for copy_paste, parity and grammar_lm) instead of the image options above",
+    )
     parser.set_defaults(handler=_layers)
 
 
@@ -104,6 +110,17 @@ def _layers(args: argparse.Namespace) -> int:
         "num_classes": args.num_classes,
     }
     sample = torch.randn(2, args.in_channels, args.image_size, args.image_size)
+    if args.data is not None:  # the dataset's own shape and inputs
+        from guidance_tune.config import DataConfig
+        from guidance_tune.data import load_data, sample_batch
+
+        splits = load_data(DataConfig(name=args.data, synthetic_samples=64), torch.device("cpu"))
+        shape = {
+            "in_channels": splits.in_channels,
+            "image_size": splits.image_size,
+            "num_classes": splits.num_classes,
+        }
+        sample = sample_batch(splits, 2)
     names = {}
     for role, name in (("target", args.target), ("guide", args.guide)):
         if name is None:

@@ -63,11 +63,25 @@ DEFAULT_DATA_ROOTS = {
     "cifar10": Path("data"),
     "cifar100": Path("data"),
 }
+# The sequence lengths a generated sequence task draws from when data.sequence_lengths is unset
+# (the authors' settings).
+DEFAULT_SEQUENCE_LENGTHS = {"copy_paste": (20, 40), "parity": (2, 50)}
+# Datasets that need no files: generated from a seed, or shipped with a dependency (digits).
+GENERATED_DATASETS = ("synthetic", "digits", "copy_paste", "parity", "grammar_lm")
 
 
 class DataConfig(StrictModel):
     name: Literal[
-        "synthetic", "digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "copy_paste"
+        "synthetic",
+        "digits",
+        "fashion_mnist",
+        "cifar10",
+        "cifar100",
+        "imagefolder",
+        "copy_paste",
+        "parity",
+        "text_lm",
+        "grammar_lm",
     ] = "synthetic"
     root: Path | None = Field(
         default=None,
@@ -93,10 +107,24 @@ class DataConfig(StrictModel):
     )
     augment: bool = Field(default=False, description="random crop + horizontal flip on the device")
     synthetic_samples: int = Field(
-        default=4096, ge=16, description="synthetic, copy_paste: samples generated"
+        default=4096,
+        ge=16,
+        description="synthetic, copy_paste, parity: samples generated (split into train, val "
+        "and test); grammar_lm: training sequences of context_length words",
     )
-    copy_lengths: tuple[int, int] = Field(
-        default=(20, 40), description="copy_paste: shortest and longest digit string copied"
+    sequence_lengths: tuple[int, int] | None = Field(
+        default=None,
+        description="copy_paste: shortest and longest digit string copied (default 20, 40); "
+        "parity: shortest and longest bit string (default 2, 50); None: the default",
+    )
+    context_length: int = Field(
+        default=50, ge=2, description="text_lm, grammar_lm: words per training sequence"
+    )
+    max_vocab: int | None = Field(
+        default=None,
+        ge=2,
+        description="text_lm, grammar_lm: keep the most frequent words of train (<unk> "
+        "included), map the rest to <unk>; None: every word of train",
     )
     synthetic_classes: int = Field(default=10, ge=2, description="synthetic: number of patterns")
     synthetic_size: int = Field(default=32, ge=12, description="synthetic: canvas side in pixels")
@@ -116,19 +144,21 @@ class DataConfig(StrictModel):
                 )
         return data
 
-    @field_validator("copy_lengths")
+    @field_validator("sequence_lengths")
     @classmethod
-    def _lengths_in_order(cls, lengths: tuple[int, int]) -> tuple[int, int]:
-        if not 1 <= lengths[0] <= lengths[1]:
+    def _lengths_in_order(cls, lengths: tuple[int, int] | None) -> tuple[int, int] | None:
+        if lengths is not None and not 1 <= lengths[0] <= lengths[1]:
             raise ValueError(f"{list(lengths)}: give [shortest, longest], 1 <= shortest <= longest")
         return lengths
 
     @model_validator(mode="after")
     def _usual_root(self) -> DataConfig:
-        """The default root is written into the config, so that it can be made absolute where
-        the config enters and a rerun reads the same files."""
+        """The default root and sequence lengths are written into the config, so that a root
+        can be made absolute where the config enters and a rerun reads the same data."""
         if self.root is None and self.name in DEFAULT_DATA_ROOTS:
             self.root = DEFAULT_DATA_ROOTS[self.name]
+        if self.sequence_lengths is None and self.name in DEFAULT_SEQUENCE_LENGTHS:
+            self.sequence_lengths = DEFAULT_SEQUENCE_LENGTHS[self.name]
         return self
 
 
@@ -151,6 +181,7 @@ class GuidanceConfig(StrictModel):
     guide_layers: str = Field(
         default="all",
         description="subset of guide layers before the spread: all, first_half, last_half, "
+        "blocks (whole blocks' outputs: 4 decoder layers for 4 RNN layers, one to one), "
         "every_K, range_A_B (indices A..B-1) or a comma list of indices/paths",
     )
     guided_steps: int | None = Field(
@@ -195,6 +226,12 @@ class OptimConfig(StrictModel):
     schedule: Literal["constant", "cosine", "step"] = "constant"
     step_epochs: int = Field(default=30, ge=1, description="step schedule: epochs between decays")
     gamma: float = Field(default=0.1, gt=0, le=1, description="step schedule: decay factor")
+    grad_clip_norm: float | None = Field(
+        default=None,
+        gt=0,
+        description="clip the target's gradient to this global norm before each step (the "
+        "authors' language models: 0.25); None: no clipping",
+    )
 
 
 class TrainConfig(StrictModel):
@@ -227,7 +264,7 @@ class TrainConfig(StrictModel):
         description="the run has diverged when its training loss exceeds this multiple of its "
         "first step's loss (a non-finite loss always is); null: only non-finite",
     )
-    select_metric: Literal["val/loss", "val/top1", "val/top5", "val/acc"] = Field(
+    select_metric: Literal["val/loss", "val/top1", "val/top5", "val/acc", "val/ppl"] = Field(
         default="val/loss",
         description="the validation metric whose best epoch is the run's best (its weights are "
         "kept as checkpoints/best.pt); a study sets it from study.metric",
@@ -235,7 +272,7 @@ class TrainConfig(StrictModel):
     evaluate_test: bool = Field(
         default=False,
         description="after the last epoch, evaluate the best epoch's weights on the test split "
-        "(test/loss, test/top1, test/top5); confirmation and arms runs set it, a search never",
+        "(test/loss and the task's scores); confirmation and arms runs set it, a search never",
     )
 
 

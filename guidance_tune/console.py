@@ -13,7 +13,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from guidance_tune.metrics import accuracy_in
+from guidance_tune.metrics import score_in
 from guidance_tune.mlflow_view import runs_page
 from guidance_tune.tracking_store import sqlite_path
 
@@ -66,10 +66,10 @@ def ui_hint(tracking_uri: str, experiment_id: str, study: str) -> str:
 
 
 def _arm_line(row: TrialRow, metric: str) -> str:
-    accuracy = accuracy_in(row.metrics, "best")
+    score = score_in(row.metrics, "best")
     shown = f"{metric} {row.value:.4f}"
-    if accuracy is not None and metric != accuracy:
-        shown += f", {accuracy} {row.metrics[accuracy]:.4f}"
+    if score is not None and metric != score:
+        shown += f", {score} {row.metrics[score]:.4f}"
     return f"{shown} ({row.name})"
 
 

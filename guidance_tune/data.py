@@ -17,9 +17,10 @@ resumed: there is no loader state to checkpoint.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +28,23 @@ from torch import Tensor
 
 from guidance_tune.config import ConfigError, DataConfig
 from guidance_tune.datasets import READERS
+from guidance_tune.tasks import CLASSIFICATION, Task
 
+# The token datasets, by where they are made (imported when asked for: they build on this module).
+SEQUENCE_LOADERS = {
+    "copy_paste": "guidance_tune.sequences:load_generated",
+    "parity": "guidance_tune.sequences:load_generated",
+    "text_lm": "guidance_tune.text:load_text_lm",
+    "grammar_lm": "guidance_tune.text:load_grammar_lm",
+}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class BatchSource(Protocol):
-    """One split, batched. ``x``: float32 ``(b, C, H, W)`` normalised, on the source's device;
-    ``y``: int64 ``(b,)``. ``num_batches`` is exactly how many batches ``batches`` yields."""
+    """One split, batched. ``x``: float32 ``(b, C, H, W)`` normalised, or int64 tokens
+    ``(b, T)``, on the source's device; ``y``: int64 ``(b,)``, or ``(b, T)`` for a target per
+    position. ``num_batches`` is exactly how many batches ``batches`` yields."""
 
     num_samples: int
 
@@ -50,12 +60,17 @@ class BatchSource(Protocol):
     ) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
+# Which positions of a token batch ``(b, T)`` are real, not padding: bool ``(b, T)``.
+ValidPositions = Callable[[Tensor], Tensor]
+
+
 @dataclass
 class DataSplits:
-    """The three splits and the shape models are built for. ``task`` says what a batch is
-    (:mod:`tasks`): ``classification`` (images, a label each) or ``tokens`` (int64 token
-    sequences ``(b, T)``, a target token per position), where ``in_channels`` is the input
-    vocabulary and ``image_size`` the sequence length ``T``."""
+    """The three splits and the shape models are built for. ``task`` says what is asked of a
+    batch (:mod:`tasks`). ``inputs`` says what a batch is: images, or int64 token sequences
+    ``(b, T)``, for which ``in_channels`` is the input vocabulary and ``image_size`` the
+    sequence length ``T``. ``valid_positions`` tells padding apart where sequences have it,
+    so that guidance compares the same real positions in both networks (:mod:`layers`)."""
 
     train: BatchSource
     val: BatchSource
@@ -63,12 +78,14 @@ class DataSplits:
     in_channels: int
     image_size: int
     num_classes: int
-    task: str = "classification"
+    task: Task = CLASSIFICATION
+    inputs: Literal["images", "tokens"] = "images"
+    valid_positions: ValidPositions | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One example's shape, as a model takes it."""
-        if self.task == "classification":
+        if self.inputs == "images":
             return (self.in_channels, self.image_size, self.image_size)
         return (self.image_size,)
 
@@ -215,10 +232,9 @@ def load_data(config: DataConfig, device: torch.device) -> DataSplits:
     statistics of the training part, so val and test see what training saw."""
     if config.name == "imagefolder":
         return load_imagefolder(config, device)
-    if config.name == "copy_paste":
-        from guidance_tune.sequences import load_copy_paste
-
-        return load_copy_paste(config, device)
+    if config.name in SEQUENCE_LOADERS:
+        module, loader = SEQUENCE_LOADERS[config.name].split(":")
+        return getattr(importlib.import_module(module), loader)(config, device)
     raw = READERS[config.name](config)
     has_test_split = raw.test_images is not None and raw.test_labels is not None
     index = split_indices(len(raw.train_labels), config, has_test_split=has_test_split)
@@ -253,7 +269,7 @@ def load_data(config: DataConfig, device: torch.device) -> DataSplits:
 
 
 def sample_batch(splits: DataSplits, n: int) -> Tensor:
-    """The first ``n`` training images (fewer if the split is smaller), normalised, for
+    """The first ``n`` training inputs (fewer if the split is smaller), images normalised, for
     discovering layer shapes; augmented like any training batch when augmentation is on."""
     images, _ = next(splits.train.batches(n, epoch=0, seed=0, shuffle=False, drop_last=False))
     return images

@@ -15,6 +15,7 @@ accumulate on the device and are read once per epoch, so a step has no host sync
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -164,7 +165,10 @@ class Guidance(GuideTerm):
         guide: nn.Module,
         sample_input: Tensor,
         config: GuidanceConfig | None = None,
+        valid_positions: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
+        """``valid_positions``: for padded token inputs, which positions are real
+        (:class:`~guidance_tune.layers.LayerCapture`); padding is zeroed in both networks."""
         super().__init__(guide, config or GuidanceConfig())
         self.target = target
         self.metric = get_metric(self.config.metric)
@@ -186,9 +190,15 @@ class Guidance(GuideTerm):
         }
         self._pair_index: dict[tuple[str, torch.device], Tensor] = {}
         self._target_capture = LayerCapture(
-            target, self._target_layers, gram, should_capture=self._capturing_target
+            target,
+            self._target_layers,
+            gram,
+            should_capture=self._capturing_target,
+            valid_positions=valid_positions,
         )
-        self._guide_capture = LayerCapture(guide, self._guide_layers, gram)
+        self._guide_capture = LayerCapture(
+            guide, self._guide_layers, gram, valid_positions=valid_positions
+        )
         self._similarity_sum = torch.zeros(())
         self._steps_summed = 0
 
@@ -260,7 +270,8 @@ class Guidance(GuideTerm):
 
 
 class LogitDistillation(GuideTerm):
-    """The paper's baseline: KL(guide softmax || target softmax) at temperature T, times T^2.
+    """The paper's baseline: KL(guide softmax || target softmax) at temperature T, times T^2,
+    averaged over examples (and over positions, for logits per position ``(b, T, V)``).
 
     Same schedule and guide inputs as :class:`Guidance`, so the comparison is one config field.
     """
@@ -280,8 +291,8 @@ class LogitDistillation(GuideTerm):
             )
         t = self.config.temperature
         kl = F.kl_div(
-            F.log_softmax(logits.float() / t, dim=1),
-            F.log_softmax(guide_logits.float() / t, dim=1),
+            F.log_softmax(logits.float().flatten(0, -2) / t, dim=-1),
+            F.log_softmax(guide_logits.float().flatten(0, -2) / t, dim=-1),
             log_target=True,
             reduction="batchmean",
         )
@@ -295,6 +306,7 @@ def build_guide_term(
     config: GuidanceConfig,
     *,
     noise_warmup: bool = False,
+    valid_positions: Callable[[Tensor], Tensor] | None = None,
 ) -> GuideTerm | None:
     """The term a run's config asks for; None for the unguided baseline. An unguided run with a
     noise warm-up gets an alignment term that is active only during the warm-up."""
@@ -305,7 +317,7 @@ def build_guide_term(
     if config.kind == "distillation":
         _check_logit_shapes(target, guide, sample_input)
         return LogitDistillation(guide, config)
-    return Guidance(target, guide, sample_input, config)
+    return Guidance(target, guide, sample_input, config, valid_positions)
 
 
 def _check_logit_shapes(target: nn.Module, guide: nn.Module, sample_input: Tensor) -> None:

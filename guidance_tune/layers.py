@@ -7,6 +7,15 @@ record and the even spread of guide layers over target layers follow the authors
 (guidance-method.md A.2, A.3); the batch axis is found from the modules, not guessed from sizes.
 A name, subset or mapping that does not fit the models is the user's to fix (ConfigError); a
 model whose forward fails during discovery is not, and keeps its traceback.
+
+Sequence activations. An RNN's or attention's tuple output is captured as its output sequence
+(the hidden state and the attention weights are dropped), a PackedSequence as its padded
+``(b, T', H)`` tensor (zeros past each length; ``T'`` the batch's longest), and a ``(b, T, H)``
+activation is one sample per example, flattened to ``T * H`` features, as the authors do: the
+Gram entry of two sequences sums their position-by-position inner products. Where the data
+says which positions are padding (``valid_positions``), those are zeroed in every captured
+activation of both networks before the Gram, so padding adds nothing to a similarity and a
+batch compares the same whatever length it was padded to.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from guidance_tune.config import ConfigError
@@ -43,7 +52,8 @@ _BATCH_AXIS0_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.AdaptiveAvgPool1d, nn.
 _TUPLE_OUTPUT_TYPES = (nn.RNNBase, nn.MultiheadAttention)
 
 SPEC_HELP = (
-    "'all', 'first_half', 'last_half', 'every_K' (K >= 1), 'range_A_B' (layers A..B-1, "
+    "'all', 'first_half', 'last_half', 'blocks' (whole blocks' outputs, such as a "
+    "TransformerDecoderLayer's), 'every_K' (K >= 1), 'range_A_B' (layers A..B-1, "
     "0 <= A < B <= number of layers), or a comma-separated list of indices and/or layer names "
     "such as '0,3,layer4.1.conv2'"
 )
@@ -116,6 +126,23 @@ def batch_first(
     return output.transpose(0, 1) if seq_first else output
 
 
+def zero_padding(activation: Tensor, valid: Tensor) -> Tensor:
+    """``activation`` (b, T', ...) with the positions that ``valid`` (b, T) bool marks as padding
+    set to 0. Axis 1 is the input's position axis, as :func:`batch_first` leaves every sequence
+    layer's output; ``T' < T`` is a packed RNN's output, which ends at the longest sequence.
+    An output without a position axis (b, d) is returned as it is."""
+    if activation.dim() < 3:
+        return activation
+    steps = activation.shape[1]
+    if steps > valid.shape[1]:
+        raise ValueError(
+            f"activation {tuple(activation.shape)} has more positions than its input "
+            f"({valid.shape[1]}): axis 1 is not the input's positions, so padding can't be masked"
+        )
+    keep = valid[:, :steps].reshape(len(valid), steps, *[1] * (activation.dim() - 2))
+    return activation * keep.to(activation.dtype)
+
+
 def discover_layers(model: nn.Module, sample_input: torch.Tensor | tuple) -> list[LayerInfo]:
     """Hookable layer calls of one forward, in execution order, the logits record dropped.
 
@@ -172,6 +199,9 @@ class LayerCapture:
     retrace. ``transform`` (e.g. a b x b Gram) runs inside the hook so the raw activation is
     freed as soon as the model is done with it. ``should_capture`` returning False makes a hook
     do nothing, e.g. during activation-checkpoint recomputation or once guidance is switched off.
+    ``valid_positions`` (token inputs ``(b, T)`` -> bool ``(b, T)``) marks the real positions of
+    the model's input; the rest are zeroed in each activation before ``transform``
+    (:func:`zero_padding`).
     """
 
     def __init__(
@@ -180,6 +210,7 @@ class LayerCapture:
         names: Sequence[str],
         transform: Callable[[torch.Tensor], torch.Tensor],
         should_capture: Callable[[], bool] = lambda: True,
+        valid_positions: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         modules = dict(model.named_modules())
         wanted: dict[str, set[int]] = {}
@@ -190,6 +221,9 @@ class LayerCapture:
         self.captured: dict[str, torch.Tensor] = {}
         self._transform = transform
         self._should_capture = should_capture
+        self._valid_positions = valid_positions
+        self._inputs: Tensor | None = None  # this forward's, while padding is masked
+        self._valid: Tensor | None = None  # their real positions, found at the first capture
         self._calls = dict.fromkeys(wanted, 0)
         self._handles = [
             modules[path].register_forward_hook(
@@ -198,7 +232,12 @@ class LayerCapture:
             for path, calls in wanted.items()
         ]
         # each forward of the whole model starts afresh: nothing stale survives a second forward
-        self._handles.append(model.register_forward_pre_hook(lambda module, args: self.clear()))
+        self._handles.append(model.register_forward_pre_hook(self._start))
+
+    def _start(self, module: nn.Module, args: tuple) -> None:
+        self.clear()
+        if self._valid_positions is not None:
+            self._inputs, self._valid = args[0], None
 
     def _hook(
         self,
@@ -215,6 +254,10 @@ class LayerCapture:
         self._calls[path] = call + 1
         if call in wanted_calls:
             activation = batch_first(module, output, parent_batch_first=parent_batch_first)
+            if self._inputs is not None:
+                if self._valid is None:
+                    self._valid = self._valid_positions(self._inputs)
+                activation = zero_padding(activation, self._valid)
             self.captured[_call_name(path, call)] = self._transform(activation)
 
     def clear(self) -> None:
@@ -276,10 +319,23 @@ _HALVES = {
 }
 
 
+def block_outputs(names: Sequence[str]) -> list[str]:
+    """The records of modules that hold other recorded modules: a Transformer layer's output,
+    not its attention, norms or Linears (every call of a tied layer: ``layers.0#k``)."""
+    paths = [name.partition("#")[0] for name in names]
+    return [
+        name
+        for name, path in zip(names, paths, strict=True)
+        if any(other.startswith(path + ".") for other in paths)
+    ]
+
+
 def _parse_spec(names: list[str], spec: str) -> list[str]:
     n = len(names)
     if spec in _HALVES:
         return names[_HALVES[spec](n)]
+    if spec == "blocks":
+        return block_outputs(names)
     if every := re.fullmatch(r"every_(\d+)", spec):
         if int(every[1]) < 1:
             raise ConfigError(f"layer spec {spec!r}: K in every_K must be >= 1")

@@ -18,10 +18,12 @@ REPORTED_METRICS = (
     "best/top1",
     "best/top5",
     "best/acc",
+    "best/ppl",
     "val/loss",
     "val/top1",
     "val/top5",
     "val/acc",
+    "val/ppl",
     "train/loss",
     "train/task_loss",
     "train/guidance_loss",
@@ -30,22 +32,25 @@ REPORTED_METRICS = (
     "peak_memory_gib",
 )
 # Validation metrics that can pick a run's best epoch (``train.select_metric``).
-SELECTABLE_METRICS = ("val/loss", "val/top1", "val/top5", "val/acc")
+SELECTABLE_METRICS = ("val/loss", "val/top1", "val/top5", "val/acc", "val/ppl")
 _HIGHER_IS_BETTER = ("top1", "top5", "acc", "samples_per_second")
 
 
-# The accuracy a run reports: a classification's top-1, a token task's token accuracy.
-ACCURACIES = ("top1", "acc")
+# The score a run reports beside its loss (its task's, :mod:`tasks`): a classification's
+# top-1, a token task's token accuracy, a language model's perplexity.
+SCORES = ("top1", "acc", "ppl")
+ACCURACIES = ("top1", "top5", "acc")  # shares, shown in percent
 
 
-def accuracy_in(reported: Iterable[str], prefix: str) -> str | None:
-    """``<prefix>/top1`` or ``<prefix>/acc``, whichever of them ``reported`` holds."""
+def score_in(reported: Iterable[str], prefix: str) -> str | None:
+    """``<prefix>/top1``, ``<prefix>/acc`` or ``<prefix>/ppl``, whichever ``reported`` holds."""
     names = set(reported)
-    return next((f"{prefix}/{a}" for a in ACCURACIES if f"{prefix}/{a}" in names), None)
+    return next((f"{prefix}/{s}" for s in SCORES if f"{prefix}/{s}" in names), None)
 
 
 def direction(metric: str) -> Mode:
-    """``max`` for accuracies and throughput, ``min`` for losses, seconds and memory."""
+    """``max`` for accuracies and throughput, ``min`` for losses, perplexities, seconds and
+    memory."""
     return "max" if metric.rsplit("/", 1)[-1] in _HIGHER_IS_BETTER else "min"
 
 

@@ -39,12 +39,12 @@ def runs_view(
     mode: str,
     params: Sequence[str] = (),
     tags: Sequence[str] = (),
-    accuracy: str = "best/top1",
+    score: str = "best/top1",
 ) -> dict:
     """The study's runs without the parent (child runs would fold under it), so every trial is a
-    row; the parent and its report are one click away, on any trial's page. ``accuracy`` is
-    the task's (``best/acc`` for a token task)."""
-    metrics = [metric] + [accuracy] * (metric != accuracy)
+    row; the parent and its report are one click away, on any trial's page. ``score`` is the
+    task's (``best/acc`` for a token task, ``best/ppl`` for a language model)."""
+    metrics = [metric] + [score] * (metric != score)
     columns = [_column("tags", tag) for tag in (ARM_TAG, *tags)]
     columns += [_column("metrics", name) for name in metrics]
     columns += [_column("params", name) for name in params[:MAX_PARAM_COLUMNS]]

@@ -20,7 +20,15 @@ from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import RunRecord
 from guidance_tune.train import Reporter, Run, TrainResult, fit
 
-HEADLINE = ("train/loss", "train/guidance_loss", "val/loss", "val/top1", "best/top1")
+HEADLINE = (
+    "train/loss",
+    "train/guidance_loss",
+    "val/loss",
+    "val/top1",
+    "val/acc",
+    "best/top1",
+    "best/acc",
+)
 
 
 class Reporters(Reporter):
@@ -129,7 +137,7 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
     final = result.final
     print(f"status: {result.status}")
     if final:
-        print("final:", format_metrics(final, ("val/loss", "val/top1", "val/top5")))
-        print("best: ", format_metrics(final, ("best/loss", "best/top1", "best/top5")))
+        print("final:", format_metrics(final, ("val/loss", "val/top1", "val/top5", "val/acc")))
+        print("best: ", format_metrics(final, ("best/loss", "best/top1", "best/top5", "best/acc")))
     if mlflow_run_id:
         print(f"mlflow run: {mlflow_run_id}")

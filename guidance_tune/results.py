@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from guidance_tune.config import ConfigError, config_to_dict
-from guidance_tune.metrics import Mode, accuracy_in, best_first
+from guidance_tune.metrics import Mode, best_first, score_in
 from guidance_tune.tracking import (
     PARENT_TAG,
     ROLE_TAG,
@@ -164,8 +164,8 @@ def format_value(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
-# Accuracy beside the ranking metric in ``study best``: a loss alone does not say how good.
-ACCURACY_COLUMN = "best/top1"
+# The score beside the ranking metric in ``study best``: a loss alone does not say how good.
+SCORE_COLUMN = "best/top1"
 
 
 def param_cell(row: TrialRow, key: str) -> str:
@@ -186,11 +186,11 @@ def short_param(value: str) -> str:
 
 
 def shown_metrics(metric: str, rows: Sequence[TrialRow] = ()) -> list[str]:
-    """The ranking metric, then the accuracy the rows report (top-1 unless they report a
-    token task's accuracy) where that is not the ranking metric already."""
+    """The ranking metric, then the score the rows report (top-1 unless they report a token
+    accuracy or a perplexity) where that is not the ranking metric already."""
     reported = {key for row in rows for key in row.metrics}
-    accuracy = accuracy_in(reported, "best") or ACCURACY_COLUMN
-    return [metric] + ([accuracy] if metric != accuracy else [])
+    score = score_in(reported, "best") or SCORE_COLUMN
+    return [metric] + ([score] if metric != score else [])
 
 
 def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:

@@ -23,10 +23,13 @@ CONTEXT_TAG = "mlflow.data.context"  # MLflow's own tag for a dataset's role in 
 
 def _source(config: DataConfig) -> tuple[str, str]:
     """MLflow's source type and source: the files a dataset was read from, or the code that
-    generates it (digits ships with scikit-learn, synthetic is drawn from a seed)."""
+    generates it (digits ships with scikit-learn, the others are drawn from a seed)."""
+    from guidance_tune.data import SEQUENCE_LOADERS
+
     if config.root is not None:
         return "local", json.dumps({"uri": str(config.root)})
-    return "code", json.dumps({"tags": {"generator": f"guidance_tune.datasets:{config.name}"}})
+    generator = SEQUENCE_LOADERS.get(config.name, f"guidance_tune.datasets:{config.name}")
+    return "code", json.dumps({"tags": {"generator": generator}})
 
 
 def dataset_inputs(config: DataConfig, splits: DataSplits, *, test: bool) -> list[DatasetInput]:
@@ -35,7 +38,7 @@ def dataset_inputs(config: DataConfig, splits: DataSplits, *, test: bool) -> lis
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     source_type, source = _source(config)
-    shape = [splits.in_channels, splits.image_size, splits.image_size]
+    shape = list(splits.input_shape)
     read = [("train", splits.train), ("val", splits.val)] + ([("test", splits.test)] * test)
     inputs = []
     for split, data in read:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from guidance_tune.metrics import ACCURACIES, direction
 from guidance_tune.results import Curve, TrialRow, text_table
 from guidance_tune.tracking import ARM_TAG
 
@@ -25,14 +26,15 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # per test metric a run may report (by task, :mod:`tasks`): its column and its name in words;
-# a table shows those its rows have, and compares arms on the first accuracy among them
+# a table shows those its rows have, and compares arms on the first score among them
 TABLE_METRICS = {
     "test/top1": ("test top-1 %", "test top-1"),
     "test/top5": ("test top-5 %", "test top-5"),
     "test/acc": ("test acc %", "test token accuracy"),
+    "test/ppl": ("test ppl", "test perplexity"),
     "test/loss": ("test loss", "test loss"),
 }
-COMPARED_METRICS = {"test/top1": "top-1", "test/acc": "acc"}  # and their short names
+COMPARED_METRICS = {"test/top1": "top-1", "test/acc": "acc", "test/ppl": "ppl"}  # short names
 # the task loss, not train/loss: that includes the guidance term, which only guided arms have
 CURVE_METRICS = ("train/task_loss", "val/loss")
 TABLE_ARTIFACT = "report/seeds.md"
@@ -78,7 +80,8 @@ class ArmResult:
 
     @property
     def compared(self) -> str:
-        """The accuracy arms are compared on: top-1 for images, token accuracy for tokens."""
+        """The score arms are compared on: top-1 for classifiers, token accuracy for token
+        tasks, perplexity for language models."""
         return next((m for m in COMPARED_METRICS if self.values.get(m)), "test/top1")
 
     def mean_std(self, metric: str) -> tuple[float, float]:
@@ -114,8 +117,8 @@ def _cell(mean: float, spread: float, scale: float) -> str:
 
 
 def _scale(metric: str) -> float:
-    """Accuracies in percent (points), losses as they are."""
-    return 100.0 if metric.endswith(("top1", "top5", "acc")) else 1.0
+    """Accuracies in percent (points), losses and perplexities as they are."""
+    return 100.0 if metric.rpartition("/")[2] in ACCURACIES else 1.0
 
 
 def compare(result: ArmResult, reference: ArmResult) -> Interval | None:
@@ -125,26 +128,29 @@ def compare(result: ArmResult, reference: ArmResult) -> Interval | None:
 
 
 def verdict(result: ArmResult, reference: ArmResult) -> str:
-    """One line: who beats whom on the test accuracy, by how many points, with the interval."""
+    """One line: who beats whom on the test score, by how much (points of an accuracy), with
+    the interval; a lower perplexity is the better one."""
     interval = compare(result, reference)
     name, other = result.arm, reference.arm
     if interval is None:
         return f"{name} vs {other}: too few seeds with a test result for an interval"
     metric = reference.compared
-    words = TABLE_METRICS[metric][1]
-    points = f"{abs(interval.difference) * 100:.1f} points"
-    ci = f"(95% Welch CI {interval.low * 100:+.1f}..{interval.high * 100:+.1f})"
+    words, scale = TABLE_METRICS[metric][1], _scale(metric)
+    unit = " points" if scale == 100 else ""
+    by = f"{abs(interval.difference) * scale:.1f}{unit}"
+    ci = f"(95% Welch CI {interval.low * scale:+.1f}..{interval.high * scale:+.1f})"
     seeds = f"{len(result.values[metric])} vs {len(reference.values[metric])}"
-    if interval.low > 0:
-        return f"{name} beats {other} on {words} by {points} {ci}, {seeds} seeds"
-    if interval.high < 0:
-        return f"{other} beats {name} on {words} by {points} {ci}, {seeds} seeds"
+    higher, lower = interval.low > 0, interval.high < 0
+    if higher or lower:
+        wins = higher == (direction(metric) == "max")
+        winner, loser = (name, other) if wins else (other, name)
+        return f"{winner} beats {loser} on {words} by {by} {ci}, {seeds} seeds"
     return f"no significant difference between {name} and {other} on {words} {ci}"
 
 
 def table_metrics(results: list[ArmResult]) -> list[str]:
-    """The test metrics some arm reported, in the table's order (top-1 and top-5, or token
-    accuracy, then the loss); the image columns when none did yet."""
+    """The test metrics some arm reported, in the table's order (top-1 and top-5, a token
+    accuracy or a perplexity, then the loss); the image columns when none did yet."""
     reported = [m for m in TABLE_METRICS if any(r.values.get(m) for r in results)]
     return reported or ["test/top1", "test/top5", "test/loss"]
 
@@ -161,14 +167,14 @@ def table_cells(results: list[ArmResult], reference: str) -> tuple[list[str], li
         cells = [result.arm, _seeds(result), str(result.epochs)]
         cells += [_cell(*result.mean_std(m), _scale(m)) for m in metrics]
         interval = None if base is None or result is base else compare(result, base)
-        cells.append("-" if interval is None else _points(interval))
+        cells.append("-" if interval is None else _difference(interval, _scale(compared)))
         lines.append(cells)
     return header, lines
 
 
-def _points(interval: Interval) -> str:
-    low, high = interval.low * 100, interval.high * 100
-    return f"{interval.difference * 100:+.2f} ({low:+.1f}..{high:+.1f})"
+def _difference(interval: Interval, scale: float) -> str:
+    low, high = interval.low * scale, interval.high * scale
+    return f"{interval.difference * scale:+.2f} ({low:+.1f}..{high:+.1f})"
 
 
 def _seeds(result: ArmResult) -> str:

@@ -1,5 +1,10 @@
 """Sequence tasks as data: token sequences generated from a seed, held whole on the device.
 
+The authors draw fresh sequences for every item; here a split is a fixed set drawn from
+``data.split_seed``, so val and test do not move between evaluations, a run reads the same
+samples when rerun, and the split has a digest. ``synthetic_samples`` sets how many are drawn;
+they are split into train, val and test like any dataset without a test split.
+
 Copy-paste (the authors' encoding, guidance-method.md A.7): a string of ``L ~ U[min, max]``
 digits, ``L`` drawn per example, then COPY, ``L`` blanks and EOS; the network must emit the
 string again after COPY:
@@ -10,14 +15,18 @@ Token 0 is both the digit 0 and the blank; targets equal to 0 are ignored by the
 accuracy, as in the authors' code (so copied zeros are never scored). Every example is padded
 to ``2 * max + 2`` with 0 after its EOS, in input and target alike.
 
-The authors draw fresh sequences for every item; here a split is a fixed set drawn from
-``data.split_seed``, so val and test do not move between evaluations, a run reads the same
-samples when rerun, and the split has a digest. ``synthetic_samples`` sets its size.
+Parity: a bit string of ``L ~ U[min, max]`` bits padded to ``max`` with token 2; the label is
+the parity of its bits (1 when the count of ones is odd).
+
+Each task says which positions are padding (:func:`copy_paste_positions`,
+:func:`parity_positions`): guidance zeroes them in both networks before comparing, so a batch's
+similarity does not depend on how far it was padded (:class:`guidance_tune.layers.LayerCapture`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -25,6 +34,7 @@ from torch import Tensor
 from guidance_tune.config import DataConfig
 from guidance_tune.data import (
     DataSplits,
+    ValidPositions,
     count_batches,
     epoch_generator,
     fingerprint,
@@ -35,6 +45,8 @@ from guidance_tune.tasks import task_of
 COPY, EOS = 11, 12
 VOCAB_SIZE = 13  # digits 0-9, (10 unused), COPY, EOS
 BLANK = 0  # also the padding, and the target index the loss ignores
+PARITY_PAD = 2
+PARITY_VOCAB = 3  # bits 0 and 1, and the padding
 
 
 def copy_paste_examples(n: int, lengths: tuple[int, int], generator: torch.Generator):
@@ -55,8 +67,32 @@ def copy_paste_examples(n: int, lengths: tuple[int, int], generator: torch.Gener
     return inputs, targets, string_lengths
 
 
+def copy_paste_positions(tokens: Tensor) -> Tensor:
+    """Up to and including the first EOS; all of a row without one (noise inputs)."""
+    is_eos = tokens == EOS
+    last = torch.where(is_eos.any(1), is_eos.int().argmax(1), tokens.shape[1] - 1)
+    return torch.arange(tokens.shape[1], device=tokens.device) <= last[:, None]
+
+
+def parity_examples(n: int, lengths: tuple[int, int], generator: torch.Generator):
+    """``n`` bit strings, int64 ``(n, max)`` padded with :data:`PARITY_PAD`, their parities
+    ``(n,)`` and lengths ``(n,)``."""
+    low, high = lengths
+    string_lengths = torch.randint(low, high + 1, (n,), generator=generator)
+    bits = torch.randint(0, 2, (n, high), generator=generator)
+    valid = torch.arange(high) < string_lengths[:, None]
+    inputs = torch.where(valid, bits, PARITY_PAD)
+    labels = (bits * valid).sum(1) % 2
+    return inputs, labels, string_lengths
+
+
+def parity_positions(tokens: Tensor) -> Tensor:
+    return tokens != PARITY_PAD
+
+
 class TokenSource:
-    """A split of token sequences on the device: inputs and per-position targets ``(n, T)``."""
+    """A split of token sequences on the device: inputs ``(n, T)`` and targets, ``(n, T)`` (a
+    token per position) or ``(n,)`` (a label per sequence)."""
 
     def __init__(self, inputs: Tensor, targets: Tensor) -> None:
         self.inputs, self.targets = inputs, targets
@@ -81,12 +117,29 @@ class TokenSource:
             yield self.inputs[index], self.targets[index]
 
 
-def load_copy_paste(config: DataConfig, device: torch.device) -> DataSplits:
+@dataclass(frozen=True)
+class GeneratedTask:
+    """How a generated sequence dataset is drawn and read: its examples from
+    ``(n, lengths, generator)``, input vocabulary, classes (output vocabulary), padding."""
+
+    examples: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    vocab_size: int
+    num_classes: int
+    valid_positions: ValidPositions
+
+
+GENERATED = {
+    "copy_paste": GeneratedTask(copy_paste_examples, VOCAB_SIZE, VOCAB_SIZE, copy_paste_positions),
+    "parity": GeneratedTask(parity_examples, PARITY_VOCAB, 2, parity_positions),
+}
+
+
+def load_generated(config: DataConfig, device: torch.device) -> DataSplits:
     """``synthetic_samples`` examples from ``split_seed``, split into train, val and test as
     any dataset without a test split (``val_fraction``, ``test_fraction``, ``n_train``)."""
+    task = GENERATED[config.name]
     generator = torch.Generator().manual_seed(config.split_seed)
-    n, lengths = config.synthetic_samples, config.copy_lengths
-    inputs, targets, _ = copy_paste_examples(n, lengths, generator)
+    inputs, targets, _ = task.examples(config.synthetic_samples, config.sequence_lengths, generator)
     index = split_indices(len(inputs), config, has_test_split=False)
 
     def split(rows: Tensor) -> TokenSource:
@@ -96,8 +149,10 @@ def load_copy_paste(config: DataConfig, device: torch.device) -> DataSplits:
         split(index.train),
         split(index.val),
         split(index.test),
-        in_channels=VOCAB_SIZE,
+        in_channels=task.vocab_size,
         image_size=inputs.shape[1],
-        num_classes=VOCAB_SIZE,
+        num_classes=task.num_classes,
         task=task_of(config.name),
+        inputs="tokens",
+        valid_positions=task.valid_positions,
     )

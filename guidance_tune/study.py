@@ -23,7 +23,7 @@ from guidance_tune.outcome import Outcome
 from guidance_tune.run_params import study_params
 from guidance_tune.study_config import StudyConfig
 from guidance_tune.study_spec import check_resources, check_study
-from guidance_tune.tasks import accuracy_metric, task_of
+from guidance_tune.tasks import task_of
 from guidance_tune.tracking import (
     DESCRIPTION_TAG,
     EXPERIMENT_DIR_TAG,
@@ -238,10 +238,8 @@ def launch(
         },
     )
     seeded = ("seed",) if spec.study.arms is not None else ()  # the arms' runs differ by seed
-    accuracy = "best/" + accuracy_metric(task_of(spec.base.data.name))
-    view = runs_view(
-        spec.base.name, spec.study.metric, spec.study.mode, tags=seeded, accuracy=accuracy
-    )
+    score = "best/" + task_of(spec.base.data.name).score
+    view = runs_view(spec.base.name, spec.study.metric, spec.study.mode, tags=seeded, score=score)
     write_runs_view(uri, experiment_id, spec.base.name, view)
     command = command or command_line()
     parent = _parent_run(spec, uri, experiment_id, experiment_dir, resume, command)
@@ -392,8 +390,8 @@ def summarise(
     searched_params = [
         key for key in varying_params(ranked) if key != "guidance.kind"
     ]  # arm says it
-    accuracy = "best/" + accuracy_metric(task_of(spec.base.data.name))
-    searched = runs_view(spec.base.name, metric, mode, params=searched_params, accuracy=accuracy)
+    score = "best/" + task_of(spec.base.data.name).score
+    searched = runs_view(spec.base.name, metric, mode, params=searched_params, score=score)
     write_runs_view(uri, tracking.experiment_id, spec.base.name, searched)
     # every trial Tune completed or gave up on has its run closed: one still open was cut off
     open_runs = open_child_runs(uri, tracking.experiment_id, parent.run_id)

@@ -18,7 +18,7 @@ from ray.tune import Callback
 
 from guidance_tune.checkpoint import WEIGHTS_FILE
 from guidance_tune.config import ConfigError
-from guidance_tune.metrics import accuracy_in, direction, is_better
+from guidance_tune.metrics import ACCURACIES, SCORES, is_better, score_in
 from guidance_tune.outcome import Outcome
 from guidance_tune.tracking import (
     STATUS_TAG,
@@ -50,11 +50,11 @@ def short_number(value: Any) -> str:
 
 
 def companion_metric(metric: str, reported: Iterable[str]) -> str:
-    """Shown beside the study metric: the accuracy beside a loss (top-1, or a token task's
-    accuracy), the loss beside an accuracy."""
-    if direction(metric) == "max":
+    """Shown beside the study metric: the task's score beside a loss (top-1, a token accuracy
+    or a perplexity), the loss beside a score."""
+    if metric.rpartition("/")[2] in {*SCORES, *ACCURACIES}:
         return "val/loss"
-    return accuracy_in(reported, "val") or "val/top1"
+    return score_in(reported, "val") or "val/top1"
 
 
 class ConsoleProgress(Callback):

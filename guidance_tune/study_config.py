@@ -17,8 +17,8 @@ from guidance_tune.config import (
     read_yaml,
     resolve_paths,
 )
-from guidance_tune.metrics import REPORTED_METRICS, direction, selection_metric
-from guidance_tune.tasks import accuracy_metric, task_of
+from guidance_tune.metrics import ACCURACIES, REPORTED_METRICS, SCORES, direction, selection_metric
+from guidance_tune.tasks import task_of
 
 
 class SchedulerConfig(StrictModel):
@@ -198,15 +198,14 @@ class StudyConfig(StrictModel):
 
     @model_validator(mode="after")
     def _metric_fits_the_task(self) -> StudyConfig:
-        """Image runs report top-1 and top-5, token runs a token accuracy: ranking by the other
-        kind would rank trials that never report it."""
-        accuracy = accuracy_metric(task_of(self.base.data.name))
+        """Classifiers report top-1 and top-5, token runs a token accuracy, language models a
+        perplexity: ranking by another task's score would rank trials that never report it."""
+        task = task_of(self.base.data.name)
         name = self.study.metric.rpartition("/")[2]
-        reported = ("acc",) if accuracy == "acc" else ("top1", "top5")
-        if name in ("top1", "top5", "acc") and name not in reported:
+        if name in {*SCORES, *ACCURACIES} and name not in task.reported:
             raise ValueError(
                 f"study.metric {self.study.metric}: {self.base.data.name} runs report no {name}; "
-                f"rank by best/{accuracy} or best/loss"
+                f"rank by best/{task.score} or best/loss"
             )
         return self
 

@@ -30,7 +30,7 @@ from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
 from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
 from guidance_tune.outcome import Outcome
-from guidance_tune.tasks import score_sums, scores, task_loss
+from guidance_tune.tasks import Task
 
 
 class Reporter:
@@ -75,7 +75,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
-    def task(self) -> str:
+    def task(self) -> Task:
         return self.data.task
 
     def autocast(self):
@@ -135,7 +135,12 @@ def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
     if config.guide is not None and (config.guidance.kind != "none" or warmup):
         guide = create_model(config.guide, seed=config.train.seed + 1, **shape).to(device)
     term = build_guide_term(
-        target, guide, sample_batch(data, 2), config.guidance, noise_warmup=warmup
+        target,
+        guide,
+        sample_batch(data, 2),
+        config.guidance,
+        noise_warmup=warmup,
+        valid_positions=data.valid_positions,
     )
     optimizer, scheduler = build_optimizer(config, target.parameters())
     run = Run(config, device, data, target, guide, term, optimizer, scheduler)
@@ -151,10 +156,20 @@ def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
         if run.term is not None:
             run.term.prepare(x, guide_inputs=guide_x)
         logits = run.target(x)
-        task = task_loss(run.task, logits, y)
+        task = run.task.loss(logits, y)
         if run.term is None:
             return task, torch.zeros((), device=x.device)
         return task, run.term(x, logits, guide_inputs=guide_x)
+
+
+def optimizer_step(run: Run, loss: Tensor) -> None:
+    """Backward, then the target's gradient clipped to ``optim.grad_clip_norm`` where set (on
+    the device: no host sync), then the step."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.config.optim.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.target.parameters(), run.config.optim.grad_clip_norm)
+    run.optimizer.step()
 
 
 def run_noise_warmup(run: Run) -> None:
@@ -173,10 +188,7 @@ def run_noise_warmup(run: Run) -> None:
             target_x = noise if warmup.inputs == "shared" else x
             with run.term.noise_warmup():
                 task, guidance = guided_loss(run, target_x, y, guide_x=noise)
-            loss = task + guidance if warmup.task_loss else guidance
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
+            optimizer_step(run, task + guidance if warmup.task_loss else guidance)
             done += 1
             if done == steps:
                 run.term.pop_similarities()
@@ -212,9 +224,7 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
     for x, y in batches:
         task, guidance = guided_loss(run, x, y)
         loss = task + guidance
-        run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run.optimizer.step()
+        optimizer_step(run, loss)
         sums += torch.stack([loss.detach(), task.detach(), guidance.detach()]).float()
         if run.first_loss is None:
             run.first_loss = loss.item()
@@ -239,7 +249,7 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
 def evaluate(run: Run, split: str = "val") -> dict[str, float]:
     """``<split>/loss`` and the task's scores (:mod:`tasks`) of the current weights."""
     run.target.eval()
-    task, num_classes = run.data.task, run.data.num_classes
+    task, num_classes = run.task, run.data.num_classes
     sums = None
     batches = getattr(run.data, split).batches(
         run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
@@ -247,9 +257,9 @@ def evaluate(run: Run, split: str = "val") -> dict[str, float]:
     for x, y in itertools.islice(batches, run.config.train.max_eval_batches):
         with run.autocast():
             logits = run.target(x)
-        batch = score_sums(task, logits, y, num_classes)
+        batch = task.score_sums(logits, y, num_classes)
         sums = batch if sums is None else sums + batch
-    return scores(task, sums, split, num_classes)
+    return task.scores(sums, split, num_classes)
 
 
 def evaluate_test(run: Run) -> dict[str, float]:

@@ -7,7 +7,7 @@ study. ``mlflow.pytorch.load_model("models:/<study>/<version>")`` then gives the
 back, ready for inference, without this package's config or checkpoint formats.
 
 The model takes images normalised as training fed them (per-channel, with the training split's
-statistics); the input example shows the shape and the scale.
+statistics), or token ids for a sequence task; the input example shows the shape and the scale.
 """
 
 from __future__ import annotations
@@ -133,11 +133,24 @@ def register_winner(tracking_uri: str, run_id: str, study: str) -> RegisteredWin
                 f"{error.message}"
             ) from None
     winner = RegisteredWinner(study, str(logged.registered_model_version), run_id)
-    _describe(tracking_uri, winner, tuple(images.shape[1:]), logits.shape[1])
+    _describe(tracking_uri, winner, _io_text(images, logits))
     return winner
 
 
-def _describe(tracking_uri: str, winner: RegisteredWinner, image_shape, num_classes) -> None:
+def _io_text(inputs, logits) -> str:
+    """What the model takes and gives, in words, from an example batch."""
+    shape = ", ".join(map(str, inputs.shape[1:]))
+    takes = (
+        f"images of shape (batch, {shape}), normalised as training fed them"
+        if inputs.is_floating_point()
+        else f"token ids of shape (batch, {shape})"
+    )
+    if logits.dim() == 3:
+        return f"{takes}, and returns logits over {logits.shape[-1]} tokens at every position"
+    return f"{takes}, and returns logits over {logits.shape[-1]} classes"
+
+
+def _describe(tracking_uri: str, winner: RegisteredWinner, io_text: str) -> None:
     """What the registry page says about the version: where it comes from, how it did, how to
     load it and what it takes."""
     client = mlflow_client(tracking_uri)
@@ -152,9 +165,7 @@ def _describe(tracking_uri: str, winner: RegisteredWinner, image_shape, num_clas
         winner.version,
         description=(
             f"The trained target of trial {run.info.run_name} ({scores}). "
-            f"Load it with mlflow.pytorch.load_model('{winner.uri}'): it takes images of shape "
-            f"(batch, {', '.join(map(str, image_shape))}), normalised as training fed them, and "
-            f"returns logits over {num_classes} classes."
+            f"Load it with mlflow.pytorch.load_model('{winner.uri}'): it takes {io_text}."
         ),
     )
 

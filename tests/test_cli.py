@@ -283,3 +283,9 @@ def test_rerun_names_the_user_code_its_config_will_run(tmp_path, capsys):
     assert main(["rerun", run_id, "--tracking-uri", uri, "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "imports and runs user code: target.name=tests.factories:scripted_fcn" in err
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("studies/*.yaml")))
+def test_every_shipped_study_file_is_valid(path, capsys):
+    assert main(["study", "check", str(path)]) == 0
+    assert "is valid" in capsys.readouterr().out

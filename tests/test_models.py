@@ -15,6 +15,12 @@ SMALL_KWARGS = {
 SMALL_SEQUENCE_KWARGS = {
     "rnn_lm": {"embed_dim": 8, "hidden_size": 12, "num_layers": 2},
     "transformer_decoder": {"d_model": 8, "nhead": 2, "dim_feedforward": 8, "num_layers": 2},
+    "transformer_lm": {"d_model": 8, "nhead": 2, "dim_feedforward": 16, "num_layers": 2},
+}
+# ... and of the parity models: padded bit strings (b, T) in, two logits out
+SMALL_PARITY_KWARGS = {
+    "parity_transformer": {"d_model": 8, "nhead": 2, "dim_feedforward": 16, "num_layers": 2},
+    "parity_rnn": {"hidden_size": 8},
 }
 
 
@@ -34,7 +40,24 @@ def test_the_papers_targets_are_registered():
 
 
 def test_every_registered_model_is_checked_below():
-    assert set(list_models()) == set(SMALL_KWARGS) | set(SMALL_SEQUENCE_KWARGS)
+    checked = set(SMALL_KWARGS) | set(SMALL_SEQUENCE_KWARGS) | set(SMALL_PARITY_KWARGS)
+    assert set(list_models()) == checked
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_PARITY_KWARGS))
+def test_a_parity_model_reads_each_string_up_to_its_padding(name):
+    """Padding (token 2) after a string changes nothing: neither more of it nor what it hides."""
+    model = build(name, kwargs=SMALL_PARITY_KWARGS[name], in_channels=3, image_size=30).eval()
+    bits = torch.randint(0, 2, (4, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([bits, torch.full((4, 20), 2)], dim=1)
+    with torch.no_grad():
+        logits = model(bits)
+        assert logits.shape == (4, 2)
+        assert torch.allclose(model(padded), logits, atol=1e-5)
+        bits[:, 5:] = 2  # now strings of 5 bits: the rest is padding
+        shorter = model(bits)
+        assert torch.allclose(model(bits[:, :5]), shorter, atol=1e-5)
+        assert not torch.allclose(shorter, logits)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL_SEQUENCE_KWARGS))

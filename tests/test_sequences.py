@@ -1,38 +1,64 @@
-"""Copy-paste: the generator, the token task, the RNN target and Transformer guide, and the
-authors' layer mapping between them, on the CPU."""
+"""The sequence tasks on the CPU: copy-paste and parity data, the token task, the five sequence
+models with and without a guide, the authors' layer pairs, and padding in CKA."""
+
+import re
 
 import pytest
 import torch
 
-from guidance_tune.config import DataConfig, ModelConfig, parse_run_config
+from guidance_tune.cli import main
+from guidance_tune.config import DataConfig, GuidanceConfig, ModelConfig, parse_run_config
 from guidance_tune.data import load_data
+from guidance_tune.guidance import Guidance
 from guidance_tune.layers import build_pairs, discover_layers
 from guidance_tune.models import create_model
 from guidance_tune.results import find_study
-from guidance_tune.sequences import COPY, EOS, VOCAB_SIZE, copy_paste_examples
+from guidance_tune.sequences import (
+    COPY,
+    EOS,
+    PARITY_PAD,
+    VOCAB_SIZE,
+    copy_paste_examples,
+    parity_examples,
+    parity_positions,
+)
 from guidance_tune.study import launch
 from guidance_tune.study_config import parse_study_config
-from guidance_tune.tasks import score_sums, scores, task_loss
+from guidance_tune.tasks import TASKS
 from guidance_tune.train import build_run, fit, guided_loss
 
-SMALL_TARGET = {"name": "rnn_lm", "kwargs": {"embed_dim": 16, "hidden_size": 24}}
-SMALL_GUIDE = {
-    "name": "transformer_decoder",
-    "kwargs": {"d_model": 16, "nhead": 2, "dim_feedforward": 16},
+from .test_study import assert_the_winner_is_a_registered_model
+
+SMALL = {
+    "rnn_lm": {"embed_dim": 16, "hidden_size": 24},
+    "transformer_decoder": {"d_model": 16, "nhead": 2, "dim_feedforward": 16},
+    "transformer_lm": {"d_model": 16, "nhead": 2, "dim_feedforward": 32},
+    "parity_transformer": {"d_model": 16, "nhead": 2, "dim_feedforward": 32},
+    "parity_rnn": {"hidden_size": 16},
 }
+DATA = {
+    "copy_paste": {"name": "copy_paste", "synthetic_samples": 256, "sequence_lengths": [3, 6]},
+    "parity": {"name": "parity", "synthetic_samples": 256, "sequence_lengths": [2, 12]},
+    "grammar_lm": {"name": "grammar_lm", "synthetic_samples": 64, "context_length": 12},
+}
+# The paper's pairs: (dataset, target, guide), target <- guide.
+SETTINGS = [
+    ("copy_paste", "rnn_lm", "transformer_decoder"),
+    ("parity", "parity_transformer", "parity_rnn"),
+    ("grammar_lm", "rnn_lm", "transformer_lm"),
+]
 
 
-def guide_spec(layout: str) -> ModelConfig:
-    kwargs = {**SMALL_GUIDE["kwargs"], "layout": layout}
-    return ModelConfig(name="transformer_decoder", kwargs=kwargs)
+def small_model(name: str, **kwargs) -> dict:
+    return {"name": name, "kwargs": {**SMALL[name], **kwargs}}
 
 
-def small_run(**changes):
+def small_run(dataset="copy_paste", target="rnn_lm", guide="transformer_decoder", **changes):
     config = {
-        "name": "copy",
-        "target": SMALL_TARGET,
-        "guide": SMALL_GUIDE,
-        "data": {"name": "copy_paste", "synthetic_samples": 256, "copy_lengths": [3, 6]},
+        "name": "seq",
+        "target": small_model(target),
+        "guide": small_model(guide),
+        "data": DATA[dataset],
         "optim": {"optimizer": "adamw", "lr": 1e-3},
         "train": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3},
         **changes,
@@ -54,48 +80,106 @@ def test_each_target_is_its_input_string_again_after_copy():
         assert y[2 * length + 1] == EOS and (y[2 * length + 2 :] == 0).all()
 
 
-def test_the_same_split_seed_gives_the_same_data_and_another_differs():
+def test_each_parity_label_is_the_parity_of_its_unpadded_bits():
+    inputs, labels, lengths = parity_examples(300, (2, 11), torch.Generator().manual_seed(3))
+    assert inputs.shape == (300, 11) and set(lengths.tolist()) == set(range(2, 12))
+    for x, label, length in zip(inputs.tolist(), labels.tolist(), lengths.tolist(), strict=True):
+        bits, padding = x[:length], x[length:]
+        assert set(bits) <= {0, 1} and padding == [PARITY_PAD] * len(padding)
+        assert label == sum(bits) % 2
+    assert 0.4 < labels.float().mean() < 0.6
+
+
+@pytest.mark.parametrize("dataset", ["copy_paste", "parity"])
+def test_the_same_split_seed_gives_the_same_data_and_another_differs(dataset):
     def splits(seed):
-        config = DataConfig(name="copy_paste", synthetic_samples=64, split_seed=seed)
+        config = DataConfig(name=dataset, synthetic_samples=64, split_seed=seed)
         return load_data(config, torch.device("cpu"))
 
     first, again, other = splits(0), splits(0), splits(1)
     for name in ("train", "val", "test"):
         assert getattr(first, name).digest() == getattr(again, name).digest()
         assert getattr(first, name).digest() != getattr(other, name).digest()
-    assert first.input_shape == (2 * 40 + 2,) and first.num_classes == VOCAB_SIZE
+    width = {"copy_paste": 2 * 40 + 2, "parity": 50}[dataset]  # the authors' lengths by default
+    assert first.input_shape == (width,)
 
 
 def test_the_token_task_scores_only_non_blank_targets():
+    tokens = TASKS["tokens"]
     targets = torch.tensor([[0, 3, 0, 5]])
     logits = torch.full((1, 4, 6), -10.0)
     logits[0, 0, 1] = logits[0, 1, 3] = logits[0, 2, 2] = logits[0, 3, 4] = 10.0
-    sums = score_sums("tokens", logits, targets, num_classes=6)
-    metrics = scores("tokens", sums, "val", num_classes=6)
+    metrics = tokens.scores(tokens.score_sums(logits, targets, 6), "val", 6)
     assert metrics["val/acc"] == 0.5  # token 3 right, token 5 wrong; blanks not counted
     wrong_blanks = logits.clone()
     wrong_blanks[0, 0] = wrong_blanks[0, 2] = torch.randn(6)
-    assert task_loss("tokens", wrong_blanks, targets) == task_loss("tokens", logits, targets)
+    assert tokens.loss(wrong_blanks, targets) == tokens.loss(logits, targets)
 
 
-def test_the_authors_mapping_pairs_rnn_layers_with_their_decoder_layers():
-    """guidance-method.md A.3, copy-paste: RNN_0 <- FFN output of decoder layer 1,
-    RNN_1 <- layer-2 output, RNN_2 <- LN1 of layer 4, RNN_3 <- layer-4 output."""
-    tokens = torch.zeros(2, 10, dtype=torch.long)
-    shape = {"in_channels": VOCAB_SIZE, "image_size": 10, "num_classes": VOCAB_SIZE}
-    target = create_model(ModelConfig(**SMALL_TARGET), seed=0, **shape)
-    target_layers = [layer.name for layer in discover_layers(target, tokens)]
+def paper_layers(dataset, target, guide, **guide_kwargs):
+    """Layer names of the two networks at their default (paper) sizes, on the dataset's data."""
+    splits = load_data(
+        DataConfig(**{**DATA[dataset], "synthetic_samples": 64}), torch.device("cpu")
+    )
+    shape = {"in_channels": splits.in_channels, "image_size": splits.image_size}
+    sample, _ = next(splits.train.batches(2, epoch=0, seed=0, shuffle=False, drop_last=False))
+    names = []
+    for name, kwargs in ((target, {}), (guide, guide_kwargs)):
+        spec = ModelConfig(name=name, kwargs=kwargs)
+        model = create_model(spec, seed=0, num_classes=splits.num_classes, **shape).eval()
+        names.append([layer.name for layer in discover_layers(model, sample)])
+    return names
+
+
+# guidance-method.md A.3 and authors-layer-pairs.md: guide record counts and effective pairs.
+@pytest.mark.parametrize(
+    "dataset, target, guide, guide_kwargs, records, pairs",
+    [
+        # RNN_0 <- FFN output of decoder layer 1, RNN_1 <- layer-2 output, RNN_2 <- LN1 of
+        # layer 4, RNN_3 <- layer-4 output: guide records 5, 15, 25, 31
+        ("copy_paste", "rnn_lm", "transformer_decoder", {}, 32,
+         ["layers.0.linear2", "layers.0#1", "layers.0.norm1#3", "layers.0#3"]),
+        ("copy_paste", "rnn_lm", "transformer_decoder", {"layout": "causal"}, 32,
+         ["layers.0.linear2", "layers.1", "layers.3.norm1", "layers.3"]),
+        # RNN_0 <- FFN hidden of layer 1, RNN_1 <- FFN output of layer 2, RNN_2 <- LN1 of
+        # layer 4, RNN_3 <- FFN output of layer 4: guide records 3, 9, 15, 19
+        ("grammar_lm", "rnn_lm", "transformer_lm", {}, 20,
+         ["layers.0.hidden", "layers.1.output", "layers.3.norm1", "layers.3.output"]),
+    ],
+)  # fmt: skip
+def test_the_authors_mapping_pairs_rnn_layers_as_their_table_says(
+    dataset, target, guide, guide_kwargs, records, pairs
+):
+    target_layers, guide_layers = paper_layers(dataset, target, guide, **guide_kwargs)
     assert target_layers == ["rnns.0", "rnns.1", "rnns.2", "rnns.3"]
-    expected = {
-        "authors": ["layers.0.linear2", "layers.0#1", "layers.0.norm1#3", "layers.0#3"],
-        "causal": ["layers.0.linear2", "layers.1", "layers.3.norm1", "layers.3"],
-    }
-    for layout, guide_layers in expected.items():
-        guide = create_model(guide_spec(layout), seed=0, **shape).eval()
-        found = [layer.name for layer in discover_layers(guide, tokens)]
-        assert len(found) == 32  # 8 hooked calls per decoder layer, the logits left out
-        pairs = build_pairs(target_layers, found, mapping="authors")
-        assert pairs == list(zip(target_layers, guide_layers, strict=True)), layout
+    assert len(guide_layers) == records
+    mapped = build_pairs(target_layers, guide_layers, mapping="authors")
+    assert mapped == list(zip(target_layers, pairs, strict=True))
+
+
+def test_parity_has_one_pair_the_transformers_first_self_attention_and_the_rnn():
+    """One nn.RNN is one record, whatever its depth; the encoder has 5 per layer call."""
+    for rnn_layers in (1, 2):
+        target_layers, guide_layers = paper_layers(
+            "parity", "parity_transformer", "parity_rnn", num_layers=rnn_layers
+        )
+        assert guide_layers == ["rnn"] and len(target_layers) == 5
+        assert build_pairs(target_layers, guide_layers, mapping="authors") == [
+            ("layers.0.self_attn", "rnn")
+        ]
+    spec = ModelConfig(name="parity_transformer", kwargs={"num_layers": 4})
+    target = create_model(spec, seed=0, in_channels=3, image_size=12, num_classes=2)
+    found = [layer.name for layer in discover_layers(target, torch.zeros(2, 12).long())]
+    assert len(found) == 20 and found[5] == "layers.0.self_attn#1"  # one tied layer, 4 calls
+    assert build_pairs(found, ["rnn"], mapping="authors") == [("layers.0.self_attn", "rnn")]
+
+
+def test_the_blocks_subset_pairs_each_rnn_layer_with_a_decoder_layer_output():
+    target_layers, guide_layers = paper_layers("copy_paste", "rnn_lm", "transformer_decoder")
+    mapped = build_pairs(target_layers, guide_layers, mapping="authors", guide_subset="blocks")
+    assert mapped == list(
+        zip(target_layers, ["layers.0", "layers.0#1", "layers.0#2", "layers.0#3"], strict=True)
+    )
 
 
 def test_the_causal_guide_never_sees_a_later_token_and_the_authors_layout_does():
@@ -104,30 +188,89 @@ def test_the_causal_guide_never_sees_a_later_token_and_the_authors_layout_does()
     later = tokens.clone()
     later[:, 8:] = (later[:, 8:] + 1) % 10
     for layout, sees_later in (("causal", False), ("authors", True)):
-        guide = create_model(guide_spec(layout), seed=0, **shape).eval()
+        spec = ModelConfig(**small_model("transformer_decoder", layout=layout))
+        guide = create_model(spec, seed=0, **shape).eval()
         with torch.no_grad():
             before = guide(tokens)[:, :8]
             after = guide(later)[:, :8]
         assert (not torch.allclose(before, after)) == sees_later, layout
 
 
-@pytest.mark.parametrize("guided", [True, False])
-def test_copy_paste_trains_with_one_target_forward_a_step_and_no_gradient_to_the_guide(guided):
-    run = build_run(small_run(guidance={"kind": "alignment" if guided else "none"}))
+@pytest.mark.parametrize("dataset, target, guide", SETTINGS)
+def test_a_guided_step_runs_the_target_once_and_gives_the_guide_no_gradient(dataset, target, guide):
+    run = build_run(small_run(dataset, target, guide))
     forwards = []
     run.target.register_forward_pre_hook(lambda module, args: forwards.append(1))
     x, y = next(run.data.train.batches(16, epoch=0, seed=0, shuffle=True, drop_last=True))
     task, guidance = guided_loss(run, x, y)
     (task + guidance).backward()
     assert len(forwards) == 1
-    if guided:
-        assert guidance.item() > 0
-        assert all(p.grad is None for p in run.guide.parameters())
-    else:
-        assert run.guide is None
-    result = fit(build_run(small_run(guidance={"kind": "alignment" if guided else "none"})))
+    assert guidance.item() > 0
+    assert all(p.grad is None for p in run.guide.parameters())
+    assert all(p.grad is not None for p in run.target.parameters() if p.requires_grad)
+    result = fit(build_run(small_run(dataset, target, guide)))
     assert result.status.value == "finished"
-    assert {"val/loss", "val/acc", "best/acc"} <= set(result.final)
+    pair = next(key for key in result.final if key.startswith("train/cka/"))
+    assert 0 < result.final[pair] <= 1
+
+
+@pytest.mark.parametrize(
+    "dataset, model",
+    [
+        ("copy_paste", "rnn_lm"),
+        ("copy_paste", "transformer_decoder"),
+        ("grammar_lm", "transformer_lm"),
+        ("parity", "parity_transformer"),
+        ("parity", "parity_rnn"),
+    ],
+)
+def test_every_sequence_model_trains_unguided(dataset, model):
+    """The guides train too: that is how a study makes its trained guide (a prepare step)."""
+    run = build_run(small_run(dataset, model, model, guidance={"kind": "none"}))
+    assert run.guide is None
+    before = {name: p.detach().clone() for name, p in run.target.named_parameters()}
+    result = fit(run)
+    assert result.status.value == "finished"
+    unmoved = [n for n, p in run.target.named_parameters() if torch.equal(p, before[n])]
+    assert unmoved == []
+    score = run.task.score
+    assert {"val/loss", f"val/{score}", f"best/{score}"} <= set(result.final)
+
+
+def parity_term(valid_positions):
+    """An untrained parity pair without dropout (deterministic in train mode), its term."""
+    shape = {"in_channels": 3, "image_size": 20, "num_classes": 2}
+    target_spec = ModelConfig(**small_model("parity_transformer", dropout=0.0))
+    target = create_model(target_spec, seed=0, **shape).train()
+    guide = create_model(ModelConfig(**small_model("parity_rnn")), seed=1, **shape)
+    sample = torch.zeros(2, 20, dtype=torch.long)
+    term = Guidance(target, guide, sample, GuidanceConfig(), valid_positions=valid_positions)
+    return target, term
+
+
+def similarity(target, term, tokens):
+    logits = target(tokens)
+    term(tokens, logits)
+    return term.pop_similarities()["layers.0.self_attn:rnn"]
+
+
+def test_padding_adds_nothing_to_cka_where_it_is_masked():
+    """The same bit strings padded to 20 positions and to their longest (9) compare the same:
+    every padded position is zeroed in both networks. Unmasked, the extra padding moves CKA
+    (the encoder's outputs at padded positions are not zero)."""
+    tokens, _, _ = parity_examples(16, (3, 9), torch.Generator().manual_seed(0))
+    assert tokens.shape[1] == 9
+    wide = torch.full((16, 20), PARITY_PAD)
+    wide[:, :9] = tokens
+    masked = [similarity(*parity_term(parity_positions), batch) for batch in (tokens, wide)]
+    assert masked[0] == pytest.approx(masked[1], abs=1e-6)
+    unmasked = [similarity(*parity_term(None), batch) for batch in (tokens, wide)]
+    assert abs(unmasked[0] - unmasked[1]) > 1e-3
+
+
+def test_token_noise_for_the_guide_trains_a_copy_paste_target():
+    config = small_run(noise_warmup={"steps": 2}, guidance={"guide_inputs": "noise"})
+    assert fit(build_run(config)).status.value == "finished"
 
 
 @pytest.mark.slow
@@ -153,3 +296,21 @@ def test_a_two_trial_copy_paste_study_runs_through_ray_tune_and_mlflow(ray_local
     for child in children:
         assert child.info.status == "FINISHED"
         assert 0 <= child.data.metrics["best/acc"] <= 1
+    # the RNN winner, through torch.export and back, gives the checkpoint's logits
+    uri, winner = result.tracking_uri, result.best_run_id
+    assert_the_winner_is_a_registered_model(uri, winner, "copy-study", tmp_path / "winner")
+
+
+@pytest.mark.parametrize(
+    "target, guide, data, pair",
+    [
+        ("rnn_lm", "transformer_decoder", "copy_paste", r"rnns\.3 +<- layers\.0#3\n"),
+        ("parity_transformer", "parity_rnn", "parity", r"layers\.0\.self_attn +<- rnn\n"),
+        ("rnn_lm", "transformer_lm", "grammar_lm", r"rnns\.0 +<- layers\.0\.hidden\n"),
+    ],
+)
+def test_the_layers_command_shows_the_sequence_pairs_on_generated_inputs(
+    target, guide, data, pair, capsys
+):
+    assert main(["layers", target, "--guide", guide, "--data", data]) == 0
+    assert re.search(pair, capsys.readouterr().out)

@@ -1,9 +1,10 @@
 """Networks built by name: targets and guides alike come from a :class:`ModelConfig`.
 
 A name resolves, in this order, to (1) a builder registered here with :func:`register_model`
-(``deep_fcn``, ``wide_fcn``, ``deep_convnet``), (2) a torchvision classification model
-(``resnet18``, ``resnet50``) or (3) a user factory ``'package.module:factory'``. Every builder
-is called as ``builder(in_channels, image_size, num_classes, **kwargs)``.
+(``deep_fcn``, ``wide_fcn``, ``deep_convnet``, and the sequence models: ``rnn_lm`` ...), (2) a
+torchvision classification model (``resnet18``, ``resnet50``) or (3) a user factory
+``'package.module:factory'``. Every builder is called as ``builder(in_channels, image_size,
+num_classes, **kwargs)``; a sequence model reads them as (vocabulary, length, output classes).
 """
 
 from __future__ import annotations
@@ -158,4 +159,4 @@ def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any]) 
 
 
 # Imported last: these modules register their builders with the decorator defined above.
-from guidance_tune.models import convnet, fcn, sequence  # noqa: E402, F401
+from guidance_tune.models import convnet, fcn, parity, sequence  # noqa: E402, F401

@@ -4,6 +4,10 @@ Builders take the registry's ``(in_channels, image_size, num_classes)`` as (inpu
 sequence length, output vocabulary) and map ``(b, T)`` int64 tokens to logits ``(b, T, V)``.
 Every width and depth is a kwarg. Layers are named so that a mapping reads as the paper
 describes it: ``rnns.2`` is the third RNN layer, ``layers.3`` the fourth decoder layer.
+
+The RNN LM is the target of copy-paste and of language modelling; ``transformer_decoder`` is
+the copy-paste guide, ``transformer_lm`` the language-model guide. The parity pair is in
+:mod:`guidance_tune.models.parity`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidance_tune.models import register_model
@@ -143,4 +148,80 @@ def transformer_decoder(
         num_layers,
         dropout,
         layout,
+    )
+
+
+class TransformerLMBlock(nn.Module):
+    """The authors' block: LayerNorm before each sublayer, the residual added to the normalised
+    stream (``h = LN1(x); x = h + MHA(h); h = LN2(x); x = h + FF(h)``). Its hooked records, in
+    order: norm1, attention, norm2, the FFN's hidden Linear and its output Linear."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model, eps=1e-12)
+        self.attention = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d_model, eps=1e-12)
+        self.hidden = nn.Linear(d_model, dim_feedforward)
+        self.output = nn.Linear(dim_feedforward, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        normed = self.norm1(x)
+        attended, _ = self.attention(normed, normed, normed, attn_mask=mask, need_weights=False)
+        x = normed + self.drop(attended)
+        normed = self.norm2(x)
+        return normed + self.drop(self.output(self.drop(F.gelu(self.hidden(normed)))))
+
+
+class TransformerLM(nn.Module):
+    """Token plus learned position embeddings, ``num_layers`` causal :class:`TransformerLMBlock`
+    s, then an untied Linear head; weights drawn from N(0, 0.02) as the authors do, so there
+    are ``5 * num_layers`` hooked records (20 for 4 layers, as in their table)."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        max_length: int,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        num_layers: int,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(max_length, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            TransformerLMBlock(d_model, nhead, dim_feedforward, dropout) for _ in range(num_layers)
+        )
+        self.head = nn.Linear(d_model, num_classes)
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.normal_(parameter, std=0.02)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        place = torch.arange(length, device=tokens.device)
+        hidden = self.drop(self.embed(tokens) + self.positions(place))
+        mask = causal_mask(length, tokens.device)
+        for layer in self.layers:
+            hidden = layer(hidden, mask)
+        return self.head(hidden)
+
+
+@register_model("transformer_lm")
+def transformer_lm(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    d_model: int = 512,
+    nhead: int = 16,
+    dim_feedforward: int = 2048,
+    num_layers: int = 4,
+    dropout: float = 0.1,
+) -> nn.Module:
+    return TransformerLM(
+        in_channels, num_classes, image_size, d_model, nhead, dim_feedforward, num_layers, dropout
     )
