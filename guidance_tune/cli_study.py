@@ -8,7 +8,11 @@ import sys
 from pathlib import Path
 
 RERUN_COMPARISON = "rerun/comparison.md"  # on the rerun's run: original vs rerun metrics
-RERUN_KEYS = ("val/loss", "val/top1", "val/top5", "best/loss", "best/top1", "train/loss")
+RERUN_KEYS = (  # the ones a run of its task reports
+    *(f"val/{name}" for name in ("loss", "top1", "top5", "acc", "ppl")),
+    *(f"best/{name}" for name in ("loss", "top1", "acc", "ppl")),
+    "train/loss",
+)
 
 
 def add_study_commands(commands) -> None:

@@ -236,8 +236,9 @@ class LayerCapture:
 
     def _start(self, module: nn.Module, args: tuple) -> None:
         self.clear()
-        if self._valid_positions is not None:
-            self._inputs, self._valid = args[0], None
+        self._inputs, self._valid = None, None
+        if self._valid_positions is not None and args:  # the tokens: the first argument
+            self._inputs = args[0]
 
     def _hook(
         self,

@@ -15,20 +15,21 @@ from pathlib import Path
 from tqdm import tqdm
 
 from guidance_tune.checkpoint import Checkpoint, save_checkpoint, save_file, weights_of
+from guidance_tune.metrics import SCORES
 from guidance_tune.outcome import Outcome
 from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import RunRecord
 from guidance_tune.train import Reporter, Run, TrainResult, fit
 
+# what a console line shows of an epoch: losses, then the task's score (:mod:`tasks`)
 HEADLINE = (
     "train/loss",
     "train/guidance_loss",
     "val/loss",
-    "val/top1",
-    "val/acc",
-    "best/top1",
-    "best/acc",
+    *(f"val/{score}" for score in SCORES),
+    *(f"best/{score}" for score in SCORES),
 )
+SUMMARY_SCORES = ("loss", "top1", "top5", "acc", "ppl")
 
 
 class Reporters(Reporter):
@@ -137,7 +138,7 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
     final = result.final
     print(f"status: {result.status}")
     if final:
-        print("final:", format_metrics(final, ("val/loss", "val/top1", "val/top5", "val/acc")))
-        print("best: ", format_metrics(final, ("best/loss", "best/top1", "best/top5", "best/acc")))
+        print("final:", format_metrics(final, [f"val/{name}" for name in SUMMARY_SCORES]))
+        print("best: ", format_metrics(final, [f"best/{name}" for name in SUMMARY_SCORES]))
     if mlflow_run_id:
         print(f"mlflow run: {mlflow_run_id}")

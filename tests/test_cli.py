@@ -97,6 +97,8 @@ BAD_CONFIGS = [
     ("train: {batch_size: 3}\nguidance: {metric: debiased_cka}\n", "at least 4"),
     ("guidance: {mapping: explicit, pairs: [[blocks.0.linear, layer9]]}\n", "layer9"),
     ("target: [unclosed\n", "not valid YAML"),
+    ("data: {name: text_lm}\n", "data.root must be set for text_lm"),
+    ("data: {name: parity, sequence_lengths: [5, 2]}\n", "data.sequence_lengths"),
     (
         "guidance: {guide_layers: every_zero}\n"
         "data: {synthetic_samples: 64}\ntrain: {batch_size: 16}\n",

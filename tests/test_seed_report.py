@@ -86,6 +86,17 @@ def test_the_table_and_verdicts_read_in_points_with_the_interval():
     assert verdict(close[0], close[1]).startswith("no significant difference between a and b")
 
 
+def test_a_lower_perplexity_wins_and_is_shown_as_it_is_not_in_points():
+    rows = [_row("base", s, **{"test/ppl": v, "test/loss": 4.0}) for s, v in ((1, 60), (2, 64))]
+    rows += [_row("guided", s, **{"test/ppl": v, "test/loss": 3.6}) for s, v in ((1, 40), (2, 42))]
+    base, guided = arm_results(rows, ["base", "guided"])
+    assert verdict(guided, base).startswith("guided beats base on test perplexity by 21.0 (")
+    assert verdict(base, guided).startswith("guided beats base on test perplexity by 21.0 (")
+    text = seed_text([base, guided], "base")
+    assert "test ppl" in text and "top-1" not in text
+    assert "62.00 +- 2.83" in text and "-21.00 (" in text  # perplexity, not x100
+
+
 def test_markdown_and_csv_hold_the_same_figures():
     results = arm_results(ROWS, ["base", "guided"])
     markdown = seed_markdown(results, "base", "demo")

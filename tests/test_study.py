@@ -296,6 +296,7 @@ BAD_STUDIES = [
     ({"space": "guidanse"}, "guidance"),
     ({"metric": "val/acc"}, "study.metric"),
     ({"metric": "best/top1", "mode": "min"}, "study.mode"),
+    ({"metric": "best/ppl"}, "synthetic runs report no ppl; rank by best/top1"),
     ({"space_options": {"weight": [0.0, 1.0]}}, "weight"),
     ({"space_options": {"colour": "red"}}, "colour"),
     ({"tracking_uri": "http://127.0.0.1:9"}, "did not answer"),
