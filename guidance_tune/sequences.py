@@ -50,20 +50,22 @@ PARITY_VOCAB = 3  # bits 0 and 1, and the padding
 
 
 def copy_paste_examples(n: int, lengths: tuple[int, int], generator: torch.Generator):
-    """``n`` (input, target) pairs, int64 ``(n, 2 * max + 2)`` each, and their lengths ``L``."""
+    """``n`` (input, target) pairs, int64 ``(n, 2 * max + 2)`` each, and their lengths ``L``;
+    built for all rows at once (a study's trials each draw 100,000)."""
     low, high = lengths
     width = 2 * high + 2
     string_lengths = torch.randint(low, high + 1, (n,), generator=generator)
     digits = torch.randint(0, 10, (n, high), generator=generator)
-    inputs = torch.full((n, width), BLANK, dtype=torch.long)
-    targets = torch.full((n, width), BLANK, dtype=torch.long)
-    for row, length in enumerate(string_lengths.tolist()):
-        string = digits[row, :length]
-        inputs[row, :length] = string
-        inputs[row, length] = COPY
-        inputs[row, 2 * length + 1] = EOS
-        targets[row, length + 1 : 2 * length + 1] = string
-        targets[row, 2 * length + 1] = EOS
+    position = torch.arange(width)[None, :]
+    length = string_lengths[:, None]
+    eos = position == 2 * length + 1
+    # the string at 0..L-1 in the input, again at L+1..2L in the target
+    string = torch.gather(digits, 1, position.clamp(max=high - 1).expand(n, -1))
+    copied = torch.gather(digits, 1, (position - length - 1).clamp(0, high - 1))
+    inputs = torch.where(position < length, string, BLANK)
+    inputs = torch.where(position == length, COPY, torch.where(eos, EOS, inputs))
+    targets = torch.where((position > length) & (position <= 2 * length), copied, BLANK)
+    targets = torch.where(eos, EOS, targets)
     return inputs, targets, string_lengths
 
 
