@@ -2,12 +2,13 @@
 perplexity, the generated grammar corpus, and gradient clipping, on the CPU."""
 
 import math
+import random
 
 import pytest
 import torch
 
 from guidance_tune.config import ConfigError, DataConfig, parse_run_config
-from guidance_tune.corpus import generate_corpus, write_corpus
+from guidance_tune.corpus import generate_corpus, make_lexicon, write_corpus
 from guidance_tune.data import load_data
 from guidance_tune.tasks import TASKS
 from guidance_tune.text import (
@@ -103,20 +104,28 @@ def test_the_grammar_corpus_is_a_seed_and_reads_the_same_from_files(tmp_path):
         assert getattr(files, split).digest() == getattr(generated, split).digest()
 
 
-def test_verbs_agree_with_their_subject_across_relative_clauses():
-    """The long-range dependency the corpus is for: in "DET NOUN that ... VERB .", the main
-    verb carries -s exactly when the subject noun does not."""
-    lines = generate_corpus(0, {"train": 20000})["train"]
+def test_the_main_verb_agrees_with_its_subject_across_a_relative_clause():
+    """The long-range dependency the corpus is for: in "DET NOUN that VERB VERB ...", with an
+    intransitive verb in the clause, the second verb is the main one and takes -s exactly when
+    the subject noun is singular, two words past the clause."""
+    lexicon = make_lexicon(random.Random("lexicon-0"))
+    intransitive = {
+        v for v, objects in zip(lexicon.verbs, lexicon.objects, strict=True) if not objects
+    }
+    verbs, nouns = set(lexicon.verbs), set(lexicon.nouns)
+    lines = generate_corpus(0, {"train": 50000})["train"]
     checked = 0
     for sentence in " ".join(lines).split(" . "):
         words = sentence.split()
-        if len(words) == 3 and words[0] in ("a", "this", "every"):  # DET NOUN VERB
-            assert words[2].endswith("s") and not words[1].endswith("s")
+        if len(words) < 5 or words[2] != "that":
+            continue
+        noun, clause_verb, main_verb = words[1], words[3], words[4]
+        if clause_verb.removesuffix("s") in intransitive and main_verb.removesuffix("s") in verbs:
+            singular = noun in nouns
+            assert singular or noun.removesuffix("s") in nouns
+            assert main_verb.endswith("s") == singular == clause_verb.endswith("s")
             checked += 1
-        if len(words) == 3 and words[0] in ("some", "these", "all"):
-            assert not words[2].endswith("s") and words[1].endswith("s")
-            checked += 1
-    assert checked > 20
+    assert checked > 50
 
 
 def first_step_length(clip: float | None) -> float:
