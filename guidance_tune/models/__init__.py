@@ -71,10 +71,10 @@ def create_model(
 def _resolve(name: str) -> Builder:
     if name in _REGISTRY:
         return _REGISTRY[name]
-    if name in torchvision_names():
-        return torchvision_builder(name)
     if ":" in name:
         return factory_builder(name)
+    if name in torchvision_names():
+        return torchvision_builder(name)
     raise ConfigError(_unknown_name_message(name))
 
 

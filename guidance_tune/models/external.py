@@ -14,7 +14,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import torchvision
 from torch import nn
 
 from guidance_tune.config import ConfigError
@@ -24,7 +23,13 @@ DATA_ARGUMENTS = ("in_channels", "image_size", "num_classes")
 
 
 def torchvision_names() -> list[str]:
-    """torchvision's classification models (``resnet18``, ``resnet50``, ``vit_b_16`` ...)."""
+    """torchvision's classification models (``resnet18``, ``resnet50``, ``vit_b_16`` ...).
+
+    torchvision is imported here and in the builder, not at the top: importing it pulls in
+    torch._dynamo, seconds in every trial process, and most runs never build one of its models.
+    """
+    import torchvision
+
     return torchvision.models.list_models(module=torchvision.models)
 
 
@@ -46,6 +51,8 @@ def _build_torchvision(
         raise ConfigError(
             f"model {name!r} takes 1- or 3-channel images, the data has {in_channels} channels"
         )
+    import torchvision
+
     kwargs = {"num_classes": num_classes, **kwargs}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if in_channels == 1:
