@@ -3,8 +3,10 @@ models with and without a guide, the authors' layer pairs, and padding in CKA.""
 
 import re
 
+import mlflow
 import pytest
 import torch
+import yaml
 
 from guidance_tune.cli import main
 from guidance_tune.config import DataConfig, GuidanceConfig, ModelConfig, parse_run_config
@@ -24,7 +26,7 @@ from guidance_tune.sequences import (
 )
 from guidance_tune.study import launch
 from guidance_tune.study_config import parse_study_config
-from guidance_tune.tasks import TASKS
+from guidance_tune.tasks import TASKS, task_of
 from guidance_tune.train import build_run, fit, guided_loss
 
 from .test_study import assert_the_winner_is_a_registered_model
@@ -299,6 +301,27 @@ def test_a_two_trial_copy_paste_study_runs_through_ray_tune_and_mlflow(ray_local
     # the RNN winner, through torch.export and back, gives the checkpoint's logits
     uri, winner = result.tracking_uri, result.best_run_id
     assert_the_winner_is_a_registered_model(uri, winner, "copy-study", tmp_path / "winner")
+
+
+@pytest.mark.parametrize("data, target, guide", SETTINGS)
+def test_a_guided_sequence_run_reruns_from_its_run_id_to_the_same_metrics(
+    data, target, guide, tmp_path, capsys
+):
+    """The generated data comes back from the seeds in the logged config alone, so a rerun
+    without Ray repeats every number the original logged."""
+    config = small_run(data, target, guide, train={"epochs": 2, "batch_size": 16})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["train", str(path), "--quiet", "--tracking-uri", uri]) == 0
+    run_id = capsys.readouterr().out.split("mlflow run: ")[1].split()[0]
+    assert main(["rerun", run_id, "--tracking-uri", uri, "--quiet"]) == 0
+    client = mlflow.MlflowClient(uri)
+    original = client.get_run(run_id)
+    (rerun,) = client.search_runs([original.info.experiment_id], f"tags.rerun_of = '{run_id}'")
+    score = f"best/{task_of(data).score}"
+    for key in ("train/guidance_loss", "val/loss", "best/loss", score):
+        assert rerun.data.metrics[key] == original.data.metrics[key], key
 
 
 @pytest.mark.parametrize(
