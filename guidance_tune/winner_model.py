@@ -91,12 +91,12 @@ def trained_target(tracking_uri: str, run_id: str, weights_dir: Path):
 
 
 def _requirements() -> list[str]:
-    import torch
-    import torchvision
+    """From the installed distributions' metadata: importing torchvision for its version would
+    take seconds, and the model needs it only to be installed beside torch."""
+    from importlib.metadata import version
 
     return [  # without the local build tag (+cu130): an index has the plain version
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"torchvision=={torchvision.__version__.split('+')[0]}",
+        f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision")
     ]
 
 
