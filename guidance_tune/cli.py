@@ -101,8 +101,10 @@ def _layers(args: argparse.Namespace) -> int:
     import torch
 
     from guidance_tune.config import ModelConfig
+    from guidance_tune.data import inputs_of
     from guidance_tune.layers import build_pairs, discover_layers
     from guidance_tune.models import create_model
+    from guidance_tune.run_checks import check_takes
 
     shape = {
         "in_channels": args.in_channels,
@@ -125,6 +127,12 @@ def _layers(args: argparse.Namespace) -> int:
     for role, name in (("target", args.target), ("guide", args.guide)):
         if name is None:
             continue
+        if args.data is None:
+            tokens = ", ".join(n for n in GENERATED_DATASETS if inputs_of(n) == "tokens")
+            fix = f"name a token data set with --data ({tokens})"
+            check_takes(role, name, "images", "the layers command without --data", fix=fix)
+        else:
+            check_takes(role, name, inputs_of(args.data), f"--data {args.data}")
         model = create_model(ModelConfig(name=name), seed=0, **shape).eval()
         layers = discover_layers(model, sample)
         print(f"{role} {name}: {len(layers)} hookable layers (logits layer left out)")

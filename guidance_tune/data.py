@@ -37,6 +37,13 @@ SEQUENCE_LOADERS = {
     "text_lm": "guidance_tune.text:load_text_lm",
     "grammar_lm": "guidance_tune.text:load_grammar_lm",
 }
+
+
+def inputs_of(name: str) -> Literal["images", "tokens"]:
+    """What the data set ``name`` feeds a model (:attr:`DataSplits.inputs`), before loading it."""
+    return "tokens" if name in SEQUENCE_LOADERS else "images"
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

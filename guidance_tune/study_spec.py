@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from guidance_tune.config import ConfigError, config_to_dict, set_fields
+from guidance_tune.run_checks import check_run
 from guidance_tune.study_config import StudyConfig, load_study_config
 from guidance_tune.trial import trial_config
 
@@ -50,9 +51,10 @@ def check_study(spec: StudyConfig) -> dict[str, Any] | None:
     from guidance_tune.prepare import step_config
 
     for step in spec.study.prepare:
-        step_config(spec, step)
+        check_run(step_config(spec, step))
     if spec.study.arms is not None:
-        arm_configs(spec)
+        for config in arm_configs(spec).values():
+            check_run(config)
         return None
     return check_space(spec)
 
@@ -75,7 +77,7 @@ def check_space(spec: StudyConfig) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
     for params in (baseline, {**trial.params, **constants}):
-        trial_config(base, params)
+        check_run(trial_config(base, params))
     return baseline
 
 

@@ -33,6 +33,7 @@ class Task:
 
     name: str
     reported: tuple[str, ...]
+    predicts: str  # what a model's logits must hold: models.Predicts
 
     @property
     def score(self) -> str:
@@ -54,7 +55,7 @@ class Task:
 
 
 class Classification(Task):
-    name, reported = "classification", ("top1", "top5")
+    name, reported, predicts = "classification", ("top1", "top5"), "label"
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), targets)
@@ -81,6 +82,7 @@ class TokenPrediction(Task):
     name: str
     reported: tuple[str, ...]
     ignore_index: int | None
+    predicts = "positions"
 
     def _ignored(self) -> int:
         return -100 if self.ignore_index is None else self.ignore_index  # torch's "none"

@@ -30,6 +30,7 @@ from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
 from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
 from guidance_tune.outcome import Outcome
+from guidance_tune.run_checks import check_run
 from guidance_tune.tasks import Task
 
 
@@ -116,6 +117,7 @@ def build_optimizer(config: RunConfig, params) -> tuple[torch.optim.Optimizer, A
 def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
     """Everything a run needs, restored from ``checkpoint`` if given, or a ConfigError naming
     the field (or the checkpoint that does not fit), before anything is logged."""
+    check_run(config)
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
     data = load_data(config.data, device)

@@ -97,7 +97,32 @@ BAD_CONFIGS = [
     ("train: {batch_size: 3}\nguidance: {metric: debiased_cka}\n", "at least 4"),
     ("guidance: {mapping: explicit, pairs: [[blocks.0.linear, layer9]]}\n", "layer9"),
     ("target: [unclosed\n", "not valid YAML"),
-    ("data: {name: text_lm}\n", "data.root must be set for text_lm"),
+    (
+        "target: {name: rnn_lm}\nguide: null\nguidance: {kind: none}\ndata: {name: text_lm}\n",
+        "data.root must be set for text_lm",
+    ),
+    ("data: {name: copy_paste}\n", "target.name 'deep_fcn' takes images, but data.name"),
+    ("target: {name: rnn_lm}\ndata: {name: copy_paste}\n", "guide.name 'resnet18' takes"),
+    (
+        "target: {name: rnn_lm}\nguide: null\nguidance: {kind: none}\ndata: {name: parity}\n",
+        "target.name 'rnn_lm' predicts a token at every position, but data.name 'parity' asks",
+    ),
+    (
+        "target: {name: parity_transformer}\nguide: null\nguidance: {kind: none}\n"
+        "data: {name: copy_paste}\n",
+        "predicts one label per example",
+    ),
+    (
+        "target: {name: rnn_lm}\nguide: null\nguidance: {kind: none}\ndata: {name: copy_paste}\n"
+        "train: {select_metric: val/top1}\n",
+        "train.select_metric val/top1: copy_paste runs report no val/top1; select by val/acc",
+    ),
+    (
+        "target: {name: transformer_lm, kwargs: {d_model: 16, nhead: 3}}\nguide: null\n"
+        "guidance: {kind: none}\ndata: {name: grammar_lm, synthetic_samples: 64}\n"
+        "train: {batch_size: 16}\n",
+        "model 'transformer_lm' rejected kwargs {'d_model': 16, 'nhead': 3}",
+    ),
     ("data: {name: parity, sequence_lengths: [5, 2]}\n", "data.sequence_lengths"),
     (
         "guidance: {guide_layers: every_zero}\n"

@@ -14,7 +14,7 @@ import inspect
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -23,22 +23,45 @@ from guidance_tune.config import ConfigError, ModelConfig
 from guidance_tune.models.external import factory_builder, torchvision_builder, torchvision_names
 
 Builder = Callable[..., nn.Module]
+Takes = Literal["images", "tokens"]
+Predicts = Literal["label", "positions"]  # one label per example, or a token per position
 _REGISTRY: dict[str, Builder] = {}
+_IO: dict[str, tuple[Takes, Predicts]] = {}
 
 __all__ = ["create_model", "list_models", "register_model"]
 
 
-def register_model(name: str) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, *, takes: Takes = "images", predicts: Predicts = "label"
+) -> Callable[[Builder], Builder]:
     """Decorator adding ``builder(in_channels, image_size, num_classes, **kwargs)`` under
-    ``name``; a second registration of a name is refused rather than silently shadowing."""
+    ``name``; a second registration of a name is refused rather than silently shadowing.
+    ``takes`` and ``predicts`` let a run refuse a model its data can't feed or its task
+    can't score before anything is built (:mod:`guidance_tune.run_checks`)."""
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered")
         _REGISTRY[name] = builder
+        _IO[name] = (takes, predicts)
         return builder
 
     return decorator
+
+
+def model_io(name: str) -> tuple[Takes, Predicts] | None:
+    """What the named model takes and predicts; None for a user factory (its own business)
+    and for a name that resolves to nothing (refused when built, with suggestions)."""
+    if name in _REGISTRY:
+        return _IO[name]
+    if ":" not in name and name in torchvision_names():
+        return "images", "label"
+    return None
+
+
+def models_for(takes: Takes, predicts: Predicts) -> list[str]:
+    """Our registered names that take and predict these."""
+    return [name for name in list_models() if _IO[name] == (takes, predicts)]
 
 
 def list_models() -> list[str]:
@@ -96,7 +119,8 @@ def _build(
         return builder(in_channels, image_size, num_classes, **spec.kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, AssertionError) as error:
+        # torch asserts some shapes (nn.MultiheadAttention: d_model divisible by nhead)
         accepted = _accepted_kwargs(builder)
         hint = f"; it accepts {', '.join(accepted)}" if accepted else ""
         raise ConfigError(

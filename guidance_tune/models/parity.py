@@ -65,7 +65,7 @@ class ParityTransformer(nn.Module):
         return self.head(pooled)
 
 
-@register_model("parity_transformer")
+@register_model("parity_transformer", takes="tokens", predicts="label")
 def parity_transformer(
     in_channels: int,
     image_size: int,
@@ -102,7 +102,7 @@ class ParityRNN(nn.Module):
         return self.head(last[-1].relu())
 
 
-@register_model("parity_rnn")
+@register_model("parity_rnn", takes="tokens", predicts="label")
 def parity_rnn(
     in_channels: int,
     image_size: int,

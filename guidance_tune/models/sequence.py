@@ -44,7 +44,7 @@ class RNNLM(nn.Module):
         return self.head(hidden)
 
 
-@register_model("rnn_lm")
+@register_model("rnn_lm", takes="tokens", predicts="positions")
 def rnn_lm(
     in_channels: int,
     image_size: int,
@@ -126,7 +126,7 @@ class TransformerDecoder(nn.Module):
         return self.head(hidden)
 
 
-@register_model("transformer_decoder")
+@register_model("transformer_decoder", takes="tokens", predicts="positions")
 def transformer_decoder(
     in_channels: int,
     image_size: int,
@@ -211,7 +211,7 @@ class TransformerLM(nn.Module):
         return self.head(hidden)
 
 
-@register_model("transformer_lm")
+@register_model("transformer_lm", takes="tokens", predicts="positions")
 def transformer_lm(
     in_channels: int,
     image_size: int,
