@@ -32,10 +32,12 @@ def make_noise(like: Tensor, kind: str) -> Tensor:
 
     ``clamped_gaussian`` is the authors' generator: N(0,1) + 0.1 N(0,1) clamped to [0, 1]
     (about half the pixels exactly 0), not normalised like the data. Token inputs get
-    uniform tokens in [0, the batch's largest token], as the authors draw them (either kind).
+    uniform tokens in [0, the batch's largest token], as the authors draw them (either kind),
+    scaled on the device: ``randint`` would need that largest token on the host, a sync.
     """
     if not like.is_floating_point():
-        return torch.randint_like(like, int(like.max()) + 1)
+        uniform = torch.rand(like.shape, device=like.device, dtype=torch.float64)
+        return (uniform * (like.max() + 1)).floor().to(like.dtype)
     if kind == "clamped_gaussian":
         return (torch.randn_like(like) + 0.1 * torch.randn_like(like)).clamp(0, 1)
     if kind == "normal":

@@ -11,7 +11,7 @@ import yaml
 from guidance_tune.cli import main
 from guidance_tune.config import DataConfig, GuidanceConfig, ModelConfig, parse_run_config
 from guidance_tune.data import load_data
-from guidance_tune.guidance import Guidance
+from guidance_tune.guidance import Guidance, make_noise
 from guidance_tune.layers import build_pairs, discover_layers
 from guidance_tune.models import create_model
 from guidance_tune.results import find_study
@@ -210,10 +210,20 @@ def test_a_guided_step_runs_the_target_once_and_gives_the_guide_no_gradient(data
     assert guidance.item() > 0
     assert all(p.grad is None for p in run.guide.parameters())
     assert all(p.grad is not None for p in run.target.parameters() if p.requires_grad)
-    result = fit(build_run(small_run(dataset, target, guide)))
+    trained = build_run(small_run(dataset, target, guide))
+    result = fit(trained)
     assert result.status.value == "finished"
     pair = next(key for key in result.final if key.startswith("train/cka/"))
     assert 0 < result.final[pair] <= 1
+    # a whole run later, the guide is still the network it was built as (the target is not)
+    built = build_run(small_run(dataset, target, guide))
+    for trained_model, built_model, same in (
+        (trained.guide, built.guide, True),
+        (trained.target, built.target, False),
+    ):
+        before = built_model.state_dict()
+        after = trained_model.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before) == same
 
 
 @pytest.mark.parametrize(
@@ -270,6 +280,15 @@ def test_padding_adds_nothing_to_cka_where_it_is_masked():
     assert abs(unmasked[0] - unmasked[1]) > 1e-3
 
 
+def test_token_noise_is_uniform_over_the_batchs_tokens():
+    batch = torch.tensor([[3, 1, 0, 12], [5, 5, 7, 0]])
+    noise = make_noise(batch.repeat(500, 1), "clamped_gaussian")
+    assert noise.dtype == batch.dtype and noise.shape == (1000, 4)
+    counts = torch.bincount(noise.flatten(), minlength=13)
+    assert len(counts) == 13  # nothing above the largest token, 12
+    assert counts.min() > 0.7 * counts.float().mean()  # every token 0..12, about equally
+
+
 def test_token_noise_for_the_guide_trains_a_copy_paste_target():
     config = small_run(noise_warmup={"steps": 2}, guidance={"guide_inputs": "noise"})
     assert fit(build_run(config)).status.value == "finished"
@@ -322,6 +341,30 @@ def test_a_guided_sequence_run_reruns_from_its_run_id_to_the_same_metrics(
     score = f"best/{task_of(data).score}"
     for key in ("train/guidance_loss", "val/loss", "best/loss", score):
         assert rerun.data.metrics[key] == original.data.metrics[key], key
+
+
+@pytest.mark.parametrize(
+    "study, override, named",
+    [
+        ("copy_paste_cpu", "target.name=parity_transformer", "target.name 'parity_transformer'"),
+        ("quickstart", "data.name=parity", "target.name 'deep_fcn' takes images"),
+    ],
+)
+def test_study_check_refuses_a_model_its_data_cannot_feed(study, override, named, capsys):
+    assert main(["study", "check", f"studies/{study}.yaml", "--set", override]) == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["layers", "rnn_lm"], "name a token data set with --data (copy_paste, parity"),
+        (["layers", "deep_fcn", "--data", "copy_paste"], "target 'deep_fcn' takes images"),
+    ],
+)
+def test_the_layers_command_refuses_a_model_its_inputs_cannot_feed(args, named, capsys):
+    assert main(args) == 2
+    assert named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
