@@ -110,7 +110,8 @@ class DataConfig(StrictModel):
         default=4096,
         ge=16,
         description="synthetic, copy_paste, parity: samples generated (split into train, val "
-        "and test); grammar_lm: training sequences of context_length words",
+        "and test); grammar_lm: training text of this many times context_length generated "
+        "words (each line's <eos> comes on top, so a few percent more sequences)",
     )
     sequence_lengths: tuple[int, int] | None = Field(
         default=None,

@@ -4,7 +4,7 @@ The language is small but not trivial for a recurrent network: sentences of a pr
 context-free grammar over an invented lexicon, with two long-range dependencies,
 
 - number agreement of a verb with its subject across relative clauses ("the dax that the wugs
-  fep near a lorb blicks", where ``blicks`` agrees with ``dax``, eight words back), and
+  near a lorb fep blicks", where ``blicks`` agrees with ``dax``, eight words back), and
 - selectional preference: each transitive verb takes objects from its own subset of nouns,
 
 and Zipf-distributed word choice, as in natural text. Lines hold a few sentences; text is

@@ -121,7 +121,8 @@ def _splits(
 
 
 def load_text_lm(config: DataConfig, device: torch.device) -> DataSplits:
-    """Two passes over each file (count, then encode), so no split is held as words."""
+    """Two passes over train (count, then encode) and one over val and test, so no split is
+    held as words."""
     paths = _split_paths(config)
     vocabulary = build_vocabulary(words_of(_lines(paths["train"])), config.max_vocab)
     ids = {split: encode(words_of(_lines(path)), vocabulary) for split, path in paths.items()}
@@ -129,8 +130,9 @@ def load_text_lm(config: DataConfig, device: torch.device) -> DataSplits:
 
 
 def grammar_words(config: DataConfig) -> dict[str, int]:
-    """How much text ``grammar_lm`` generates per split: ``synthetic_samples`` training
-    sequences, and val and test of ``val_fraction`` and ``test_fraction`` of that."""
+    """How many words ``grammar_lm`` generates per split: ``synthetic_samples`` training
+    sequences' worth (the ``<eos>`` words come on top), and val and test of ``val_fraction``
+    and ``test_fraction`` of that."""
     train = config.synthetic_samples * config.context_length + 1
     held_out = {"val": config.val_fraction, "test": config.test_fraction}
     minimum = config.context_length + 1
