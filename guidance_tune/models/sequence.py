@@ -23,8 +23,10 @@ from guidance_tune.models import register_model
 
 class RNNLM(nn.Module):
     """Embedding, ``num_layers`` stacked single-layer tanh RNNs (each one hooked layer), then a
-    Linear to the vocabulary. Every layer starts from a zero state (the authors hand layer i's
-    final state to layer i + 1, which reads the whole sequence before the next one starts)."""
+    Linear to the vocabulary. Every layer starts from a zero state. The authors hand layer i's
+    final state to layer i + 1 as its initial state; that state has read the whole sequence, so
+    their upper layers see future tokens from the first position, and a language model given
+    it predicts words it has already seen: not offered."""
 
     def __init__(
         self, vocab_size: int, num_classes: int, embed_dim: int, hidden_size: int, num_layers: int
