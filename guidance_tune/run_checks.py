@@ -72,10 +72,13 @@ def _fitting(takes: Takes, predicts: Predicts | None) -> str:
     return f"use {', '.join(fits)}, or a 'package.module:factory' of your own"
 
 
-def check_select_metric(config: RunConfig) -> None:
+def check_select_metric(config: RunConfig, num_classes: int | None = None) -> None:
+    """``num_classes``, once the data is loaded: top-5 of 5 or fewer classes is always 1, so
+    it is not reported."""
     task = task_of(config.data.name)
     score = config.train.select_metric.removeprefix("val/")
-    if score != "loss" and score not in task.reported:
+    unreported = score != "loss" and score not in task.reported
+    if unreported or (score == "top5" and num_classes is not None and num_classes <= 5):
         raise ConfigError(
             f"train.select_metric {config.train.select_metric}: {config.data.name} runs report "
             f"no val/{score}; select by val/{task.score} or val/loss"

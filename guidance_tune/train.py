@@ -30,7 +30,7 @@ from guidance_tune.guidance import GuideTerm, build_guide_term, make_noise
 from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
 from guidance_tune.outcome import Outcome
-from guidance_tune.run_checks import check_run
+from guidance_tune.run_checks import check_run, check_select_metric
 from guidance_tune.tasks import Task
 
 
@@ -121,6 +121,7 @@ def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
     data = load_data(config.data, device)
+    check_select_metric(config, data.num_classes)
     if data.train.num_batches(config.train.batch_size, drop_last=True) == 0:
         raise ConfigError(
             f"train.batch_size {config.train.batch_size} exceeds the {data.train.num_samples} "

@@ -118,6 +118,11 @@ BAD_CONFIGS = [
         "train.select_metric val/top1: copy_paste runs report no val/top1; select by val/acc",
     ),
     (
+        "target: {name: parity_transformer}\nguide: null\nguidance: {kind: none}\n"
+        "data: {name: parity}\ntrain: {select_metric: val/top5}\n",
+        "train.select_metric val/top5: parity runs report no val/top5",
+    ),
+    (
         "target: {name: transformer_lm, kwargs: {d_model: 16, nhead: 3}}\nguide: null\n"
         "guidance: {kind: none}\ndata: {name: grammar_lm, synthetic_samples: 64}\n"
         "train: {batch_size: 16}\n",
