@@ -7,9 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from guidance_tune.metrics import SPLIT_METRICS
+
 RERUN_COMPARISON = "rerun/comparison.md"  # on the rerun's run: original vs rerun metrics
 RERUN_KEYS = (  # the ones a run of its task reports
-    *(f"val/{name}" for name in ("loss", "top1", "top5", "acc", "ppl")),
+    *(f"val/{name}" for name in SPLIT_METRICS),
     *(f"best/{name}" for name in ("loss", "top1", "acc", "ppl")),
     "train/loss",
 )

@@ -12,18 +12,12 @@ from typing import Literal
 
 Mode = Literal["min", "max"]
 
+# What an epoch reports under val/, best/ (and test/) of a split: the loss and its task's scores.
+SPLIT_METRICS = ("loss", "top1", "top5", "acc", "ppl")
 # What every epoch of `train` reports (per-pair similarities come on top as train/<metric>/...).
 REPORTED_METRICS = (
-    "best/loss",
-    "best/top1",
-    "best/top5",
-    "best/acc",
-    "best/ppl",
-    "val/loss",
-    "val/top1",
-    "val/top5",
-    "val/acc",
-    "val/ppl",
+    *(f"best/{name}" for name in SPLIT_METRICS),
+    *(f"val/{name}" for name in SPLIT_METRICS),
     "train/loss",
     "train/task_loss",
     "train/guidance_loss",
@@ -32,7 +26,7 @@ REPORTED_METRICS = (
     "peak_memory_gib",
 )
 # Validation metrics that can pick a run's best epoch (``train.select_metric``).
-SELECTABLE_METRICS = ("val/loss", "val/top1", "val/top5", "val/acc", "val/ppl")
+SELECTABLE_METRICS = tuple(f"val/{name}" for name in SPLIT_METRICS)
 _HIGHER_IS_BETTER = ("top1", "top5", "acc", "samples_per_second")
 
 

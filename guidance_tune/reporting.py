@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from guidance_tune.checkpoint import Checkpoint, save_checkpoint, save_file, weights_of
-from guidance_tune.metrics import SCORES
+from guidance_tune.metrics import SCORES, SPLIT_METRICS
 from guidance_tune.outcome import Outcome
 from guidance_tune.run_inputs import dataset_inputs
 from guidance_tune.tracking import RunRecord
@@ -29,7 +29,6 @@ HEADLINE = (
     *(f"val/{score}" for score in SCORES),
     *(f"best/{score}" for score in SCORES),
 )
-SUMMARY_SCORES = ("loss", "top1", "top5", "acc", "ppl")
 
 
 class Reporters(Reporter):
@@ -138,7 +137,7 @@ def print_summary(result: TrainResult, mlflow_run_id: str | None) -> None:
     final = result.final
     print(f"status: {result.status}")
     if final:
-        print("final:", format_metrics(final, [f"val/{name}" for name in SUMMARY_SCORES]))
-        print("best: ", format_metrics(final, [f"best/{name}" for name in SUMMARY_SCORES]))
+        print("final:", format_metrics(final, [f"val/{name}" for name in SPLIT_METRICS]))
+        print("best: ", format_metrics(final, [f"best/{name}" for name in SPLIT_METRICS]))
     if mlflow_run_id:
         print(f"mlflow run: {mlflow_run_id}")

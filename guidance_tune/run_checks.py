@@ -73,12 +73,10 @@ def _fitting(takes: Takes, predicts: Predicts | None) -> str:
 
 
 def check_select_metric(config: RunConfig, num_classes: int | None = None) -> None:
-    """``num_classes``, once the data is loaded: top-5 of 5 or fewer classes is always 1, so
-    it is not reported."""
+    """``num_classes`` once the data is loaded (a classifier's top-5 needs more than 5)."""
     task = task_of(config.data.name)
     score = config.train.select_metric.removeprefix("val/")
-    unreported = score != "loss" and score not in task.reported
-    if unreported or (score == "top5" and num_classes is not None and num_classes <= 5):
+    if not task.reports(score, num_classes):
         raise ConfigError(
             f"train.select_metric {config.train.select_metric}: {config.data.name} runs report "
             f"no val/{score}; select by val/{task.score} or val/loss"

@@ -202,7 +202,7 @@ class StudyConfig(StrictModel):
         perplexity: ranking by another task's score would rank trials that never report it."""
         task = task_of(self.base.data.name)
         name = self.study.metric.rpartition("/")[2]
-        if name in {*SCORES, *ACCURACIES} and name not in task.reported:
+        if name in {*SCORES, *ACCURACIES} and not task.reports(name):
             raise ValueError(
                 f"study.metric {self.study.metric}: {self.base.data.name} runs report no {name}; "
                 f"rank by best/{task.score} or best/loss"

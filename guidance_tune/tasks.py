@@ -40,6 +40,11 @@ class Task:
         """The metric name (after ``val/``, ``best/`` or ``test/``) that says how well."""
         return self.reported[0]
 
+    def reports(self, name: str, num_classes: int | None = None) -> bool:
+        """Whether its runs report ``name`` (after ``val/``, ``best/`` or ``test/``);
+        ``num_classes``, once the data is known, for scores that depend on it."""
+        return name == "loss" or name in self.reported
+
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The mean loss the optimiser sees (fp32, whatever the autocast)."""
         raise NotImplementedError
@@ -67,10 +72,15 @@ class Classification(Task):
         counts = torch.stack([hits[:, 0].sum(), hits.any(1).sum()]).float()
         return torch.cat([loss[None], counts, loss.new_tensor([len(targets)])])
 
+    def reports(self, name: str, num_classes: int | None = None) -> bool:
+        """Top-5 of 5 or fewer classes is always 1, so it is not reported."""
+        few = name == "top5" and num_classes is not None and num_classes <= 5
+        return super().reports(name) and not few
+
     def scores(self, sums: Tensor, split: str, num_classes: int) -> dict[str, float]:
         loss, top1, top5 = (sums[:3] / sums[3]).tolist()
         metrics = {f"{split}/loss": loss, f"{split}/top1": top1}
-        if num_classes > 5:
+        if self.reports("top5", num_classes):
             metrics[f"{split}/top5"] = top5
         return metrics
 
