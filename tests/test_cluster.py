@@ -63,7 +63,7 @@ def two_node_cluster(tmp_path_factory, env):
             logs / "worker.log",
             env,
         )
-        wait_until(lambda: _node_count(address, env) == 2, 90, "second node")
+        wait_until(lambda: _node_count(address, env) == 2, 180, "second node")
         wait_until(lambda: http_ok(f"{jobs}/api/version"), 90, "job submission")
         yield address, jobs
     finally:
@@ -73,13 +73,19 @@ def two_node_cluster(tmp_path_factory, env):
 
 
 def _node_count(address: str, env) -> int:
+    """Alive nodes as a driver sees them; 0 while it can't tell. A probe takes ~2 s here, but on
+    a loaded 2-core CI machine one once hung in `ray.init` past 60 s while the second node was
+    joining, so a stuck probe counts as "not yet" and the next one asks again."""
     probe = (
         f"import ray; ray.init(address={address!r}, log_to_driver=False); "
         "print(len([n for n in ray.nodes() if n['Alive']]))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60
-    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=40
+        )
+    except subprocess.TimeoutExpired:
+        return 0
     return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else 0
 
 
