@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from guidance_tune.metrics import SELECTABLE_METRICS
+
 
 class ConfigError(ValueError):
     """Bad user input: the message names the field and the fix. The CLI exits 2 on it."""
@@ -265,7 +267,7 @@ class TrainConfig(StrictModel):
         description="the run has diverged when its training loss exceeds this multiple of its "
         "first step's loss (a non-finite loss always is); null: only non-finite",
     )
-    select_metric: Literal["val/loss", "val/top1", "val/top5", "val/acc", "val/ppl"] = Field(
+    select_metric: Literal[SELECTABLE_METRICS] = Field(
         default="val/loss",
         description="the validation metric whose best epoch is the run's best (its weights are "
         "kept as checkpoints/best.pt); a study sets it from study.metric",
