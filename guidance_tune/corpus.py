@@ -144,8 +144,8 @@ def generate_corpus(seed: int, words: dict[str, int]) -> dict[str, list[str]]:
 
 def write_corpus(directory: Path, seed: int, words: dict[str, int]) -> None:
     """The corpus as WikiText files (``wiki.train.tokens`` ...), for ``data.name: text_lm``."""
-    from guidance_tune.text import SPLIT_FILES
+    from guidance_tune.data_files import TEXT_LM_FILES
 
     directory.mkdir(parents=True, exist_ok=True)
     for split, lines in generate_corpus(seed, words).items():
-        (directory / SPLIT_FILES[split]).write_text("".join(f" {line} \n" for line in lines))
+        (directory / TEXT_LM_FILES[split]).write_text("".join(f" {line} \n" for line in lines))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from guidance_tune.config import ConfigError, DataConfig
+from guidance_tune.data_files import require_imagefolder
 from guidance_tune.datasets import READERS
 from guidance_tune.tasks import CLASSIFICATION, Task
 
@@ -360,8 +361,7 @@ def load_imagefolder(config: DataConfig, device: torch.device) -> DataSplits:
     transformed like evaluation data), test is the val/ folder (ImageNet's published split)."""
     from torchvision.datasets import ImageFolder
 
-    if config.root is None:
-        raise ConfigError("data.root must be set for imagefolder (a folder with train/ and val/)")
+    require_imagefolder(config)
     size = config.image_size or 224
     train_transform, eval_transform = _imagefolder_transforms(size, config.augment)
     folders = []
@@ -370,11 +370,8 @@ def load_imagefolder(config: DataConfig, device: torch.device) -> DataSplits:
         ("train", eval_transform),
         ("val", eval_transform),
     ):
-        path = config.root / split
-        if not path.is_dir():
-            raise ConfigError(f"data.root {config.root}: imagefolder needs {path}/<class>/ images")
         try:
-            folders.append(ImageFolder(str(path), transform=transform))
+            folders.append(ImageFolder(str(config.root / split), transform=transform))
         except FileNotFoundError as error:
             raise ConfigError(f"data.root {config.root}: {error}") from None
     train, train_for_eval, test = folders

@@ -19,7 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from guidance_tune.config import ConfigError, DataConfig
+from guidance_tune.config import DataConfig
+from guidance_tune.data_files import (
+    CIFAR_FILES,
+    fashion_mnist_files,
+    require_cifar,
+    require_fashion_mnist,
+)
 
 STAMP_SIZE = 5
 
@@ -104,43 +110,16 @@ def read_idx(path: Path) -> np.ndarray:
 
 @register_reader("fashion_mnist")
 def read_fashion_mnist(config: DataConfig) -> RawData:
-    root = config.root  # set by DataConfig: DEFAULT_DATA_ROOTS
+    require_fashion_mnist(config)  # config.root set by DataConfig: DEFAULT_DATA_ROOTS
     splits = []
-    for prefix in ("train", "t10k"):
-        files = [root / f"{prefix}-{kind}-ubyte.gz" for kind in ("images-idx3", "labels-idx1")]
-        for path in files:
-            if not path.is_file():
-                raise ConfigError(
-                    f"data.root {root}: fashion_mnist file {path.name} not found; "
-                    "apt-get install dataset-fashion-mnist or set data.root"
-                )
+    for files in fashion_mnist_files(config.root):
         images, labels = (torch.from_numpy(read_idx(path).copy()) for path in files)
         splits += [images.unsqueeze(1), labels.long()]
     return RawData(*splits, num_classes=10)
 
 
-@dataclass(frozen=True)
-class _CifarLayout:
-    folder: str
-    train_files: tuple[str, ...]
-    test_file: str
-    label_key: str
-    num_classes: int
-    download: Callable[..., object]
-
-
-def _cifar_layouts() -> dict[str, _CifarLayout]:
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    batches = tuple(f"data_batch_{i}" for i in range(1, 6))
-    return {
-        "cifar10": _CifarLayout(
-            "cifar-10-batches-py", batches, "test_batch", "labels", 10, CIFAR10
-        ),
-        "cifar100": _CifarLayout(
-            "cifar-100-python", ("train",), "test", "fine_labels", 100, CIFAR100
-        ),
-    }
+# What a CIFAR batch calls its labels and how many there are, and where to download it from.
+_CIFAR_LABELS = {"cifar10": ("labels", 10, "CIFAR10"), "cifar100": ("fine_labels", 100, "CIFAR100")}
 
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
@@ -154,21 +133,17 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
 def _read_cifar(config: DataConfig) -> RawData:
     """The pickle batches are read directly rather than through torchvision's dataset class,
     whose md5 check rejects any other copy of the files; torchvision is used to download."""
-    layout = _cifar_layouts()[config.name]
-    root = config.root  # set by DataConfig: DEFAULT_DATA_ROOTS
-    folder = root / layout.folder
-    paths = [folder / name for name in (*layout.train_files, layout.test_file)]
-    if not all(path.is_file() for path in paths):
-        if not config.download:
-            raise ConfigError(
-                f"data.root {root}: {config.name} not found (expected {layout.folder}/ with "
-                "torchvision's python batches); set data.root or data.download: true"
-            )
-        layout.download(str(root), train=True, download=True)
-    batches = [_read_cifar_batch(path, layout.label_key) for path in paths]
+    require_cifar(config)  # config.root set by DataConfig: DEFAULT_DATA_ROOTS
+    label_key, num_classes, dataset_class = _CIFAR_LABELS[config.name]
+    paths = CIFAR_FILES[config.name].paths(config.root)
+    if not all(path.is_file() for path in paths):  # data.download is set
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, dataset_class)(str(config.root), train=True, download=True)
+    batches = [_read_cifar_batch(path, label_key) for path in paths]
     train_images = torch.cat([images for images, _ in batches[:-1]])
     train_labels = torch.cat([labels for _, labels in batches[:-1]])
-    return RawData(train_images, train_labels, *batches[-1], num_classes=layout.num_classes)
+    return RawData(train_images, train_labels, *batches[-1], num_classes=num_classes)
 
 
 register_reader("cifar10")(_read_cifar)

@@ -1,16 +1,19 @@
 """A study as it enters: read, checked and made tiny, before anything launches.
 
 Everything that can be refused is refused here, with the field and the fix: the study file,
-its prepare steps and arms, a sample of its search space (and the baseline), and resources the
-Ray cluster cannot host. :mod:`guidance_tune.study` then launches what passed.
+its prepare steps and arms, a sample of its search space (and the baseline), resources the
+Ray cluster cannot host, and data files a Ray of this machine alone cannot read.
+:mod:`guidance_tune.study` then launches what passed.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import ConfigError, config_to_dict, set_fields
+from guidance_tune.config import ConfigError, DataConfig, config_to_dict, set_fields
+from guidance_tune.data_files import require_data_files
 from guidance_tune.run_checks import check_run
 from guidance_tune.study_config import StudyConfig, load_study_config
 from guidance_tune.trial import trial_config
@@ -98,3 +101,46 @@ def check_resources(spec: StudyConfig) -> None:
             f"study.resources.cpus is {wanted.cpus} but no Ray node has more than {largest:g} "
             "CPUs: lower it, or join a larger cluster (--address)"
         )
+
+
+def study_data(spec: StudyConfig) -> list[DataConfig]:
+    """The data every run of the study reads (its prepare steps, then its arms or the base),
+    each once; a search's trials read the base's."""
+    from guidance_tune.arms import arm_configs
+    from guidance_tune.prepare import step_config
+
+    configs = [step_config(spec, step) for step in spec.study.prepare]
+    if spec.study.arms is not None:
+        configs += arm_configs(spec).values()
+    else:
+        configs.append(spec.base)
+    unique = {config.data.model_dump_json(): config.data for config in configs}
+    return list(unique.values())
+
+
+def missing_data(spec: StudyConfig) -> ConfigError | None:
+    """Why a run of the study could not read its data on this machine, or None."""
+    for data in study_data(spec):
+        try:
+            require_data_files(data)
+        except ConfigError as error:
+            return error
+    return None
+
+
+def check_data(spec: StudyConfig) -> None:
+    """On a Ray whose nodes are all this machine, missing data files would fail every trial
+    alike: refuse them. A cluster's nodes may hold data the driver doesn't: only warn."""
+    import ray
+
+    missing = missing_data(spec)
+    if missing is None:
+        return
+    here = {ray.util.get_node_ip_address(), "127.0.0.1"}
+    if all(node["NodeManagerAddress"] in here for node in ray.nodes() if node["Alive"]):
+        raise missing
+    print(
+        f"warning: {missing} (on this machine; the study goes on, as the cluster's nodes may "
+        "hold it, and its trials fail on any that does not)",
+        file=sys.stderr,
+    )

@@ -26,11 +26,11 @@ from torch import Tensor
 
 from guidance_tune.config import ConfigError, DataConfig
 from guidance_tune.data import DataSplits
+from guidance_tune.data_files import text_lm_paths
 from guidance_tune.sequences import TokenSource
 from guidance_tune.tasks import task_of
 
 UNK, EOS_WORD = "<unk>", "<eos>"
-SPLIT_FILES = {"train": "wiki.train.tokens", "val": "wiki.valid.tokens", "test": "wiki.test.tokens"}
 
 
 def words_of(lines: Iterable[str]) -> Iterator[str]:
@@ -76,22 +76,6 @@ def _lines(path: Path) -> Iterator[str]:
         yield from stream
 
 
-def _split_paths(config: DataConfig) -> dict[str, Path]:
-    if config.root is None:
-        raise ConfigError(
-            "data.root must be set for text_lm: a folder with wiki.train.tokens, "
-            "wiki.valid.tokens and wiki.test.tokens (or use data.name: grammar_lm)"
-        )
-    paths = {split: config.root / name for split, name in SPLIT_FILES.items()}
-    missing = [path.name for path in paths.values() if not path.is_file()]
-    if missing:
-        raise ConfigError(
-            f"data.root {config.root}: text_lm needs {', '.join(missing)} (the WikiText layout); "
-            "set data.root to the folder that holds them"
-        )
-    return paths
-
-
 def _splits(
     config: DataConfig, device: torch.device, vocabulary: list[str], ids: dict[str, Tensor]
 ) -> DataSplits:
@@ -123,7 +107,7 @@ def _splits(
 def load_text_lm(config: DataConfig, device: torch.device) -> DataSplits:
     """Two passes over train (count, then encode) and one over val and test, so no split is
     held as words."""
-    paths = _split_paths(config)
+    paths = text_lm_paths(config)
     vocabulary = build_vocabulary(words_of(_lines(paths["train"])), config.max_vocab)
     ids = {split: encode(words_of(_lines(path)), vocabulary) for split, path in paths.items()}
     return _splits(config, device, vocabulary, ids)

@@ -1,6 +1,7 @@
 import gzip
 import pickle
 import struct
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from guidance_tune.config import ConfigError, DataConfig
+from guidance_tune.config import GENERATED_DATASETS, ConfigError, DataConfig
 from guidance_tune.data import (
     DataSplits,
     load_data,
@@ -18,6 +19,7 @@ from guidance_tune.data import (
     sample_batch,
     split_indices,
 )
+from guidance_tune.data_files import require_data_files
 from guidance_tune.datasets import read_idx
 
 CPU = torch.device("cpu")
@@ -359,3 +361,21 @@ def test_imagefolder_missing_split_folder_is_a_config_error(tmp_path):
     (tmp_path / "train" / "cat").mkdir(parents=True)
     with pytest.raises(ConfigError, match="data.root"):
         _load(name="imagefolder", root=tmp_path)
+
+
+DATASETS = typing.get_args(DataConfig.model_fields["name"].annotation)
+
+
+@pytest.mark.parametrize("name", [n for n in DATASETS if n not in GENERATED_DATASETS])
+def test_every_dataset_read_from_files_is_refused_on_an_empty_root_before_it_loads(tmp_path, name):
+    # the check a study makes before it launches: the reader's own words, naming the field
+    with pytest.raises(ConfigError, match="data.root") as before_loading:
+        require_data_files(DataConfig(name=name, root=tmp_path))
+    with pytest.raises(ConfigError) as loading:
+        _load(name=name, root=tmp_path)
+    assert str(loading.value) == str(before_loading.value)
+
+
+@pytest.mark.parametrize("name", GENERATED_DATASETS)
+def test_generated_datasets_need_no_files(tmp_path, name):
+    require_data_files(DataConfig(name=name, root=tmp_path / "nowhere"))

@@ -341,6 +341,20 @@ def test_trials_the_cluster_cannot_host_are_refused(ray_local, tmp_path, capsys,
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_data_missing_on_a_local_ray_is_refused_and_study_check_warns(ray_local, tmp_path, capsys):
+    # every trial would fail alike on this machine's Ray; study check can't know where it runs
+    spec = study_dict("nodata", tmp_path)
+    spec["data"] = {"name": "fashion_mnist", "root": str(tmp_path / "nowhere")}
+    path = tmp_path / "nodata.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["study", "check", str(path)]) == 0
+    assert "warning: data.root" in capsys.readouterr().err
+    assert main(["study", "launch", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.root {tmp_path / 'nowhere'}" in err and "train-images-idx3-ubyte.gz" in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_malformed_study_yaml_is_refused(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("study: {space: guidance\n")
