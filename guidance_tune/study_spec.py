@@ -8,6 +8,7 @@ Ray cluster cannot host, and data files a Ray of this machine alone cannot read.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,22 @@ def check_data(spec: StudyConfig) -> None:
     missing = missing_data(spec)
     if missing is None:
         return
-    here = {ray.util.get_node_ip_address(), "127.0.0.1"}
-    if all(node["NodeManagerAddress"] in here for node in ray.nodes() if node["Alive"]):
+    addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]
+    if all(_on_this_machine(address) for address in addresses):
         raise missing
     print(
         f"warning: {missing} (on this machine; the study goes on, as the cluster's nodes may "
         "hold it, and its trials fail on any that does not)",
         file=sys.stderr,
     )
+
+
+def _on_this_machine(node_address: str) -> bool:
+    """This machine's address, or any loopback one (a test cluster on 127.0.0.1)."""
+    import ray
+
+    try:
+        loopback = ipaddress.ip_address(node_address).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    return loopback or node_address == ray.util.get_node_ip_address()
