@@ -106,7 +106,7 @@ def check_resources(spec: StudyConfig) -> None:
 
 def study_data(spec: StudyConfig) -> list[DataConfig]:
     """The data every run of the study reads (its prepare steps, then its arms or the base),
-    each once; a search's trials read the base's."""
+    each once; a search's trials read the base's (the shipped spaces search no data field)."""
     from guidance_tune.arms import arm_configs
     from guidance_tune.prepare import step_config
 
