@@ -99,11 +99,11 @@ def _load(args):
 
 
 def _check(args: argparse.Namespace) -> int:
-    from guidance_tune.study_spec import check_study, missing_data
+    from guidance_tune.study_spec import check_study, missing_files
 
     spec = _load(args)
     check_study(spec)
-    if (missing := missing_data(spec)) is not None:  # a cluster's nodes may still hold it
+    if (missing := missing_files(spec)) is not None:  # a cluster's nodes may still hold it
         print(
             f"warning: {missing} (on this machine: a launch on a local Ray is refused)",
             file=sys.stderr,
@@ -230,7 +230,7 @@ def _confirm(args: argparse.Namespace) -> int:
     from guidance_tune.config import ConfigError
     from guidance_tune.study import confirm, connect
     from guidance_tune.study_config import ConfirmSettings
-    from guidance_tune.study_spec import check_data, check_resources
+    from guidance_tune.study_spec import check_files, check_resources
 
     try:  # the bounds of a study file's confirm: section, one rule for both
         settings = ConfirmSettings(top=args.top, seeds=args.seeds)
@@ -245,7 +245,7 @@ def _confirm(args: argparse.Namespace) -> int:
         )
     connect(args.address)
     check_resources(spec)
-    check_data(spec)
+    check_files(spec)
     table = confirm(spec, tracking, parent, settings.top, settings.seeds)
     if table is None:
         print(f"interrupted: run `guidance-tune study confirm {args.name}` again to finish")

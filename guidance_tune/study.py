@@ -22,7 +22,7 @@ from guidance_tune.mlflow_view import runs_view, write_runs_view
 from guidance_tune.outcome import Outcome
 from guidance_tune.run_params import study_params
 from guidance_tune.study_config import StudyConfig
-from guidance_tune.study_spec import check_data, check_resources, check_study
+from guidance_tune.study_spec import check_files, check_resources, check_study
 from guidance_tune.tasks import task_of
 from guidance_tune.tracking import (
     DESCRIPTION_TAG,
@@ -228,7 +228,7 @@ def launch(
         )
     connect(address)
     check_resources(spec)
-    check_data(spec)
+    check_files(spec)
     experiment_id = ensure_experiment(
         uri,
         spec.study.experiment or spec.base.name,

@@ -2,7 +2,7 @@
 
 Everything that can be refused is refused here, with the field and the fix: the study file,
 its prepare steps and arms, a sample of its search space (and the baseline), resources the
-Ray cluster cannot host, and data files a Ray of this machine alone cannot read.
+Ray cluster cannot host, and data or weights files a Ray of this machine lacks.
 :mod:`guidance_tune.study` then launches what passed.
 """
 
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import ConfigError, DataConfig, config_to_dict, set_fields
+from guidance_tune.config import ConfigError, RunConfig, config_to_dict, set_fields
 from guidance_tune.data_files import require_data_files
 from guidance_tune.run_checks import check_run
 from guidance_tune.study_config import StudyConfig, load_study_config
@@ -104,37 +104,58 @@ def check_resources(spec: StudyConfig) -> None:
         )
 
 
-def study_data(spec: StudyConfig) -> list[DataConfig]:
-    """The data every run of the study reads (its prepare steps, then its arms or the base),
-    each once; a search's trials read the base's (the shipped spaces search no data field)."""
+def study_runs(spec: StudyConfig) -> list[RunConfig]:
+    """The runs whose files a study reads: its prepare steps, then its arms or the base (a
+    search's trials read the base's data; the shipped spaces search no data field)."""
     from guidance_tune.arms import arm_configs
     from guidance_tune.prepare import step_config
 
     configs = [step_config(spec, step) for step in spec.study.prepare]
     if spec.study.arms is not None:
-        configs += arm_configs(spec).values()
-    else:
-        configs.append(spec.base)
-    unique = {config.data.model_dump_json(): config.data for config in configs}
-    return list(unique.values())
+        return configs + list(arm_configs(spec).values())
+    return [*configs, spec.base]
 
 
-def missing_data(spec: StudyConfig) -> ConfigError | None:
-    """Why a run of the study could not read its data on this machine, or None."""
-    for data in study_data(spec):
+def missing_files(spec: StudyConfig) -> ConfigError | None:
+    """Why a run of the study could not start on this machine, or None: its data files, or a
+    weights file (a model's, or a search's path option) that no prepare step writes."""
+    written = {step.weights for step in spec.study.prepare}
+
+    def absent(path: Path) -> bool:
+        return path not in written and not path.is_file()
+
+    for config in study_runs(spec):
         try:
-            require_data_files(data)
+            require_data_files(config.data)
         except ConfigError as error:
             return error
+        for role in ("target", "guide"):
+            model = getattr(config, role)
+            if model is not None and model.weights is not None and absent(model.weights):
+                return ConfigError(
+                    f"{role}.weights: file {model.weights} does not exist and no study.prepare "
+                    "step writes it: point it at a state-dict file"
+                )
+    if spec.study.arms is None:
+        from search_spaces import get_space
+
+        for name in get_space(spec.study.space).path_options:
+            value = spec.study.space_options.get(name)
+            if isinstance(value, str) and absent(Path(value)):
+                return ConfigError(
+                    f"study.space_options.{name}: file {value} does not exist and no "
+                    "study.prepare step writes it: point it at a state-dict file"
+                )
     return None
 
 
-def check_data(spec: StudyConfig) -> None:
-    """On a Ray whose nodes are all this machine, missing data files would fail every trial
-    alike: refuse them. A cluster's nodes may hold data the driver doesn't: only warn."""
+def check_files(spec: StudyConfig) -> None:
+    """On a Ray whose nodes are all this machine, a missing data or weights file would fail
+    every trial alike: refuse it. A cluster's nodes may hold files the driver doesn't: only
+    warn."""
     import ray
 
-    missing = missing_data(spec)
+    missing = missing_files(spec)
     if missing is None:
         return
     addresses = [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]]

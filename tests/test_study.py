@@ -341,17 +341,41 @@ def test_trials_the_cluster_cannot_host_are_refused(ray_local, tmp_path, capsys,
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_data_missing_on_a_local_ray_is_refused_and_study_check_warns(ray_local, tmp_path, capsys):
-    # every trial would fail alike on this machine's Ray; study check can't know where it runs
-    spec = study_dict("nodata", tmp_path)
+def _without_data(spec, tmp_path):
     spec["data"] = {"name": "fashion_mnist", "root": str(tmp_path / "nowhere")}
-    path = tmp_path / "nodata.yaml"
+
+
+def _without_guide_weights(spec, tmp_path):
+    spec["guide"]["weights"] = str(tmp_path / "guide.pt")
+
+
+def _without_space_weights(spec, tmp_path):
+    spec["study"]["space_options"]["trained_guide_weights"] = str(tmp_path / "guide.pt")
+
+
+@pytest.mark.parametrize(
+    ("remove", "named"),
+    [
+        (_without_data, "data.root {tmp}/nowhere: fashion_mnist file train-images-idx3-ubyte.gz"),
+        (_without_guide_weights, "guide.weights: file {tmp}/guide.pt does not exist"),
+        (
+            _without_space_weights,
+            "study.space_options.trained_guide_weights: file {tmp}/guide.pt does not exist",
+        ),
+    ],
+)
+def test_files_missing_on_a_local_ray_are_refused_and_study_check_warns(
+    ray_local, tmp_path, capsys, remove, named
+):
+    # every trial would fail alike on this machine's Ray; study check can't know where it runs
+    spec = study_dict("nofiles", tmp_path)
+    remove(spec, tmp_path)
+    path = tmp_path / "nofiles.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["study", "check", str(path)]) == 0
-    assert "warning: data.root" in capsys.readouterr().err
+    assert f"warning: {named.format(tmp=tmp_path)}" in capsys.readouterr().err
     assert main(["study", "launch", str(path)]) == 2
-    err = capsys.readouterr().err
-    assert f"data.root {tmp_path / 'nowhere'}" in err and "train-images-idx3-ubyte.gz" in err
+    assert named.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
 
 
