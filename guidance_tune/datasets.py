@@ -133,10 +133,10 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
 def _read_cifar(config: DataConfig) -> RawData:
     """The pickle batches are read directly rather than through torchvision's dataset class,
     whose md5 check rejects any other copy of the files; torchvision is used to download."""
-    require_cifar(config)  # config.root set by DataConfig: DEFAULT_DATA_ROOTS
     label_key, num_classes, dataset_class = _CIFAR_LABELS[config.name]
-    paths = CIFAR_FILES[config.name].paths(config.root)
-    if not all(path.is_file() for path in paths):  # data.download is set
+    paths = CIFAR_FILES[config.name].paths(config.root)  # root set by DataConfig's defaults
+    if not all(path.is_file() for path in paths):
+        require_cifar(config)  # refused unless data.download
         import torchvision.datasets
 
         getattr(torchvision.datasets, dataset_class)(str(config.root), train=True, download=True)

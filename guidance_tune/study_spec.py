@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +52,21 @@ def smoke(spec: StudyConfig) -> StudyConfig:
 def check_study(spec: StudyConfig) -> dict[str, Any] | None:
     """Every config the study will run, built once before anything launches: its prepare
     steps, and its arms or a sample of its search space (then the baseline's params)."""
+    for config in fixed_runs(spec):
+        check_run(config)
+    return None if spec.study.arms is not None else check_space(spec)
+
+
+def fixed_runs(spec: StudyConfig) -> Iterator[RunConfig]:
+    """The runs a study makes whatever it samples: its prepare steps, then its arms (none for
+    a search), each built as it is asked for."""
     from guidance_tune.arms import arm_configs
     from guidance_tune.prepare import step_config
 
     for step in spec.study.prepare:
-        check_run(step_config(spec, step))
+        yield step_config(spec, step)
     if spec.study.arms is not None:
-        for config in arm_configs(spec).values():
-            check_run(config)
-        return None
-    return check_space(spec)
+        yield from arm_configs(spec).values()
 
 
 def check_space(spec: StudyConfig) -> dict[str, Any]:
@@ -104,18 +110,6 @@ def check_resources(spec: StudyConfig) -> None:
         )
 
 
-def study_runs(spec: StudyConfig) -> list[RunConfig]:
-    """The runs whose files a study reads: its prepare steps, then its arms or the base (a
-    search's trials read the base's data; the shipped spaces search no data field)."""
-    from guidance_tune.arms import arm_configs
-    from guidance_tune.prepare import step_config
-
-    configs = [step_config(spec, step) for step in spec.study.prepare]
-    if spec.study.arms is not None:
-        return configs + list(arm_configs(spec).values())
-    return [*configs, spec.base]
-
-
 def missing_files(spec: StudyConfig) -> ConfigError | None:
     """Why a run of the study could not start on this machine, or None: its data files, or a
     weights file (a model's, or a search's path option) that no prepare step writes."""
@@ -124,7 +118,9 @@ def missing_files(spec: StudyConfig) -> ConfigError | None:
     def absent(path: Path) -> bool:
         return path not in written and not path.is_file()
 
-    for config in study_runs(spec):
+    # a search's trials read the base's data (the shipped spaces search no data field)
+    searched = [spec.base] if spec.study.arms is None else []
+    for config in [*fixed_runs(spec), *searched]:
         try:
             require_data_files(config.data)
         except ConfigError as error:
