@@ -285,14 +285,12 @@ def _rerun(args: argparse.Namespace) -> int:
     if args.epochs is None and "epoch" in original_final:
         # a trial stopped early by the scheduler is reproduced up to where it stopped
         changes["train.stop_after_epochs"] = int(original_final["epoch"])
+    if config.train.threads is None and (threads := original.data.tags.get("torch.num_threads")):
+        changes["train.threads"] = int(threads)  # a run logged before the config said it
     changes = {key: value for key, value in changes.items() if value is not None}
     config = parse_run_config(set_fields(config_to_dict(config), changes), source="rerun")
     for name in user_code(config):
         print(f"this config imports and runs user code: {name}", file=sys.stderr)
-    if threads := original.data.tags.get("torch.num_threads"):
-        import torch
-
-        torch.set_num_threads(int(threads))  # CPU sums depend on it: match the original
     run = build_run(config)
     tags = rerun_tags(original)
     name = f"{original.info.run_name}-rerun"

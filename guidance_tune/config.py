@@ -254,6 +254,13 @@ class TrainConfig(StrictModel):
         "`epochs` (how a rerun reproduces a trial a scheduler stopped early)",
     )
     seed: int = 0
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch's intra-op threads: a CPU run's sums, and so its numbers, depend on "
+        "them; a study sets it from study.resources.cpus, so an exported trial reproduces; "
+        "null: torch's default (all cores)",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = Field(
         default="bf16", description="bf16 autocast on CUDA; CPU runs always use fp32"

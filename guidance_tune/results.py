@@ -1,7 +1,8 @@
 """Study results read back from MLflow: find a study, rank its trials, show and export them.
 
-Trials are ranked by a logged best-so-far metric (``best/loss``): MLflow search results hold a
-metric's *latest* value, which for an early-stopped or overfitting trial is not its best epoch.
+Trials are ranked by a logged ``best/`` metric (``best/loss``): each epoch logs the best epoch's
+scores under ``best/``, so the *latest* value MLflow search results hold is the trial's best
+epoch, where ``val/`` would hold its last (not the best for an early-stopped or overfitting trial).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def trial_rows(children: list[Run], metric: str) -> list[TrialRow]:
 def rank_trials(rows: list[TrialRow], mode: Mode, top: int | None = 5) -> list[TrialRow]:
     """Rows that reported their metric, best first; trials that never did are left out.
 
-    Rank by a best-so-far metric: its latest value is the trial's best epoch.
+    Rank by a ``best/`` metric: its latest value is the trial's best epoch's.
     """
     ranked = [row for row in rows if not math.isnan(row.value)]
     ranked.sort(key=lambda row: (best_first(row.value, mode), row.name, row.run_id))

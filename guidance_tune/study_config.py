@@ -217,6 +217,15 @@ class StudyConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _threads_follow_cpus(self) -> StudyConfig:
+        """A trial computes with the threads its CPUs give it (Ray sets OMP_NUM_THREADS so), in
+        its config too: ``study best --export`` then writes them, and ``train`` of the export
+        sums as the trial did."""
+        if self.base.train.threads is None:
+            self.base.train.threads = max(1, int(self.study.resources.cpus))
+        return self
+
+    @model_validator(mode="after")
     def _search_never_reads_test(self) -> StudyConfig:
         """Confirmation and arms runs turn it on for their own runs, never in the base."""
         if self.base.train.evaluate_test:

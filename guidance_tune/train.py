@@ -118,6 +118,8 @@ def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
     """Everything a run needs, restored from ``checkpoint`` if given, or a ConfigError naming
     the field (or the checkpoint that does not fit), before anything is logged."""
     check_run(config)
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
     data = load_data(config.data, device)
@@ -285,16 +287,19 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def update_best(run: Run, metrics: dict[str, float], epoch: int) -> None:
-    """Best-so-far values (a study ranks trials by their best epoch, not their last), and
-    whether this epoch is the run's best by ``train.select_metric``: ``improved`` and
-    ``best_epoch`` say which weights a caller keeps, so no caller re-derives it."""
+    """The run's best epoch by ``train.select_metric`` (a study ranks trials by their best
+    epoch, not their last) and its scores: every ``best/<name>`` is that epoch's ``val/<name>``,
+    the scores of the weights a caller keeps, never a running maximum from another epoch.
+    ``improved`` and ``best_epoch`` say which weights those are, so no caller re-derives it."""
     selected = run.config.train.select_metric
-    for key in SELECTABLE_METRICS:
-        name = "best/" + key.removeprefix("val/")
-        if key in metrics and is_better(metrics[key], run.best.get(name), direction(key)):
-            run.best[name] = metrics[key]
-            if key == selected:
-                run.best_epoch = epoch
+    held = run.best.get("best/" + selected.removeprefix("val/"))
+    if selected in metrics and is_better(metrics[selected], held, direction(selected)):
+        run.best_epoch = epoch
+        run.best = {
+            "best/" + key.removeprefix("val/"): metrics[key]
+            for key in SELECTABLE_METRICS
+            if key in metrics
+        }
     metrics.update(run.best)
     metrics["improved"] = float(run.best_epoch == epoch)
     if run.best_epoch is not None:

@@ -112,6 +112,14 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     out = capsys.readouterr().out
     assert result_best[:8] in out
     assert load_run_config(export) == load_run_config_from_mlflow(uri, result_best)
+    # and `train` of the export is the trial again: it computes with the trial's one thread
+    assert load_run_config(export).train.threads == 1
+    train_export = ["train", str(export), "--tracking-uri", uri, "--experiment", "export"]
+    assert main([*train_export, "--quiet"]) == 0
+    (exported,) = client.search_runs([client.get_experiment_by_name("export").experiment_id])
+    _, trial_losses = metric_curve(uri, result_best, "val/loss")
+    _, export_losses = metric_curve(uri, exported.info.run_id, "val/loss")
+    assert export_losses[: len(trial_losses)] == trial_losses  # ASHA may have stopped the trial
 
     # `rerun` reproduces the winner exactly, without Ray, nested beside it under the study
     assert main(["rerun", result_best, "--tracking-uri", uri, "--quiet"]) == 0
@@ -191,12 +199,21 @@ def assert_the_printed_link_opens_on_the_trials(client, experiment, children, co
 
 
 def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
-    """``mlflow.pytorch.load_model`` on the registered version gives the trial's target: the
-    same logits as its best checkpoint's weights on a batch."""
+    """``mlflow.pytorch.load_model`` on the registered version gives the trial's target behind
+    its input pipeline: on inputs as the dataset stores them, the same logits as its best
+    checkpoint's weights on the normalised batch, and the logged best/top1 on val. It is
+    logged in the study's experiment, and the registry says what it is."""
     client = mlflow.MlflowClient(uri)
     (version,) = client.search_model_versions(f"name = '{study}'")
     assert version.run_id == run_id
     assert f"mlflow.pytorch.load_model('models:/{study}/1')" in version.description
+    assert (
+        "best epoch" in version.description
+        and study in client.get_registered_model(study).description
+    )
+    experiment_id = client.get_run(run_id).info.experiment_id
+    (logged,) = client.search_logged_models(experiment_ids=[experiment_id])
+    assert logged.source_run_id == run_id
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         loaded = mlflow.pytorch.load_model(f"models:/{study}/{version.version}")
@@ -204,9 +221,15 @@ def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
     trained = build_run(config)
     path = client.download_artifacts(run_id, BEST_WEIGHTS_ARTIFACT, str(scratch))
     trained.target.load_state_dict(torch.load(path, weights_only=True)["model"])
-    images, _ = next(trained.data.val.batches(8, epoch=0, seed=0, shuffle=False, drop_last=False))
+    val = trained.data.val
+    inputs, _ = next(val.batches(8, epoch=0, seed=0, shuffle=False, drop_last=False))
+    stored = val.images[:8] if inputs.is_floating_point() else inputs
     with torch.no_grad():
-        assert torch.allclose(loaded(images), trained.target.eval()(images), atol=1e-6)
+        assert torch.allclose(loaded(stored), trained.target.eval()(inputs), atol=1e-5)
+        if inputs.is_floating_point():  # the whole val split, as stored, scores as logged
+            top1 = (loaded(val.images).argmax(1) == val.labels).float().mean().item()
+            assert top1 == pytest.approx(client.get_run(run_id).data.metrics["best/top1"])
+            assert "normalises them inside with mean (" in version.description
 
 
 def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_local, tmp_path):

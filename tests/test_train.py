@@ -145,6 +145,17 @@ def test_the_best_epoch_by_the_selection_metric_is_marked_improved():
     assert recorder.metrics[-1]["best/top1"] == best_so_far
 
 
+def test_every_best_score_is_the_best_epochs_own():
+    """best/top1 of a run selected by val/loss is the top-1 of its lowest-loss epoch (the
+    weights it checkpoints), not the highest top-1 of any epoch."""
+    recorder = Recorder()
+    train(tiny_config(train={"epochs": 6, "select_metric": "val/loss"}), recorder)
+    for metrics in recorder.metrics:
+        best = recorder.metrics[int(metrics["best_epoch"]) - 1]
+        for name in ("loss", "top1", "top5"):
+            assert metrics[f"best/{name}"] == best[f"val/{name}"], (metrics["epoch"], name)
+
+
 def test_unguided_baseline_builds_no_guide():
     run = build_run(tiny_config(guidance={"kind": "none"}))
     assert run.guide is None and run.term is None
