@@ -16,7 +16,7 @@ from pathlib import Path
 
 from guidance_tune.cli_study import add_overrides_option, add_study_commands
 from guidance_tune.config import GENERATED_DATASETS, ConfigError, load_run_config
-from guidance_tune.console import quiet_libraries
+from guidance_tune.console import quiet_libraries, quiet_mlflow
 
 EXIT_BAD_INPUT = 2
 
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     # what the user typed, the source MLflow shows for every run the command makes
     args.command = shlex.join(["guidance-tune", *(sys.argv[1:] if argv is None else argv)])
     handler: Callable[[argparse.Namespace], int] = args.handler
+    quiet_mlflow()
     if getattr(args, "quiet_libraries", False):  # commands that run Ray: before it is imported
         quiet_libraries()
     try:

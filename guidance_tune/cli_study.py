@@ -255,14 +255,23 @@ def _confirm(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
+    from guidance_tune.config import ConfigError
     from guidance_tune.stages import report_seeds
 
     for name in args.names:
         spec, parent, tracking = _study_record(args, name)
         table = report_seeds(spec, tracking, parent)
         if table is None:
-            print(f"study {name}: no finished seed runs yet (launch an arms study, or confirm)")
-            continue
+            if spec.study.arms is not None:
+                raise ConfigError(
+                    f"study {name}: no arm has a finished seed run yet: `guidance-tune study "
+                    f"launch` its file with --resume to run them"
+                )
+            raise ConfigError(
+                f"study {name} is a search, and none of its winners has been confirmed over "
+                f"seeds yet: `guidance-tune study confirm {name}` makes the table; "
+                f"`guidance-tune study best {name}` ranks its trials"
+            )
         print(f"study {name}\n{table}\n")
     return 0
 
@@ -272,14 +281,15 @@ def _rerun(args: argparse.Namespace) -> int:
     from guidance_tune.outcome import Outcome
     from guidance_tune.reporting import ConsoleReporter, print_summary, train_recorded
     from guidance_tune.results import compare_runs
-    from guidance_tune.tracking import RunRecord, load_run_config_from_mlflow
+    from guidance_tune.tracking import RunRecord, load_run_config_from_mlflow, resolve_run_id
     from guidance_tune.tracking_store import check_store, resolve_tracking_uri
     from guidance_tune.train import build_run
 
     uri = resolve_tracking_uri(args.tracking_uri)
     check_store(uri, create=False)
-    config = load_run_config_from_mlflow(uri, args.run_id)
-    original = RunRecord(uri, args.run_id).info()
+    run_id = resolve_run_id(uri, args.run_id)
+    config = load_run_config_from_mlflow(uri, run_id)
+    original = RunRecord(uri, run_id).info()
     original_final = dict(original.data.metrics)
     changes = {"train.epochs": args.epochs, "train.seed": args.seed}
     if args.epochs is None and "epoch" in original_final:
@@ -308,7 +318,14 @@ def rerun_tags(original) -> dict[str, str]:
     """A rerun nests where its original is: under the study's parent run beside the trial it
     repeats, or under a standalone run itself; ``stage=rerun`` keeps it out of the study's
     ranking and tables."""
-    from guidance_tune.tracking import PARENT_TAG, RERUN_OF_TAG, ROLE_TAG, STAGE_TAG, STUDY_TAG
+    from guidance_tune.tracking import (
+        ARM_TAG,
+        PARENT_TAG,
+        RERUN_OF_TAG,
+        ROLE_TAG,
+        STAGE_TAG,
+        STUDY_TAG,
+    )
 
     tags = {
         RERUN_OF_TAG: original.info.run_id,
@@ -316,6 +333,7 @@ def rerun_tags(original) -> dict[str, str]:
         STAGE_TAG: "rerun",
         PARENT_TAG: original.data.tags.get(PARENT_TAG, original.info.run_id),
     }
-    if study := original.data.tags.get(STUDY_TAG):
-        tags[STUDY_TAG] = study
+    for key in (STUDY_TAG, ARM_TAG):  # the rerun's row says what it repeats
+        if value := original.data.tags.get(key):
+            tags[key] = value
     return tags

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -333,22 +334,30 @@ class RunConfig(StrictModel):
         return self
 
 
-def describe_errors(error: ValidationError, source: str) -> str:
+def describe_errors(error: ValidationError, source: str, overrides: Sequence[str] = ()) -> str:
+    """One line per wrong field, with the value given and, where a ``--set`` gave it, which."""
+    given = {override.partition("=")[0]: override for override in overrides}
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key: remove it or check its spelling"
+        elif isinstance(item.get("input"), str | int | float | bool):
+            message += f" (got {item['input']!r})"
+        if (override := given.get(field.removeprefix("base."))) is not None:
+            message += f", from --set {override}"
         lines.append(f"  {field}: {message}")
     return "\n".join(lines)
 
 
-def parse_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+def parse_run_config(
+    data: dict[str, Any], source: str = "config", overrides: Sequence[str] = ()
+) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(describe_errors(error, source)) from None
+        raise ConfigError(describe_errors(error, source, overrides)) from None
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -430,7 +439,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """A run config; a study file's ``study:`` section is set aside, its base run kept."""
     data = apply_overrides(read_yaml(path), overrides or [])
     data.pop("study", None)
-    return resolve_paths(parse_run_config(data, source=str(path)))
+    return resolve_paths(parse_run_config(data, source=str(path), overrides=overrides or ()))
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

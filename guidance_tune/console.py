@@ -29,11 +29,17 @@ TRIAL_PROCESS_ENVIRONMENT = {
 }
 
 
+def quiet_mlflow() -> None:
+    """For every command: MLflow's progress bars ("Downloading artifacts" of a rerun, `study
+    best --register`, a confirm) and links; it reads these variables at each call."""
+    for name, value in TRIAL_PROCESS_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+
+
 def quiet_libraries() -> None:
     """In the driver, before Ray is imported (it reads RAY_DEDUP_LOGS then); a local Ray's
     trial processes inherit all of it."""
-    for name, value in TRIAL_PROCESS_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
+    quiet_mlflow()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # store creation, migrations
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's tables, even at verbose=0
     if not sys.stdout.isatty():

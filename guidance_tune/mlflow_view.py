@@ -3,9 +3,11 @@ columns that answer the study (arm, its metric, accuracy, the params it searched
 
 MLflow 3.17's UI opens an experiment on its GenAI overview unless the URL asks for the training
 workflow (``workflowType=machine_learning``: once the user can switch workflows it no longer
-reads the experiment-kind tag), shows three attribute columns and no metric, and folds child
-runs under their parent. A *shared view* is the UI's own way to open on another state: an
-experiment tag ``mlflow.sharedViewState.<key>`` holding the page state as JSON, opened with
+reads the experiment-kind tag; the URL's workflow holds for that page only, links inside the UI
+drop it and fall back to the browser's last choice in the sidebar switch, GenAI by default),
+shows three attribute columns and no metric, and folds child runs under their parent. A
+*shared view* is the UI's own way to open on another state: an experiment tag
+``mlflow.sharedViewState.<key>`` holding the page state as JSON, opened with
 ``?viewStateShareKey=<key>``. The field names are the UI's; a UI that no longer knows one
 ignores it and shows its plain runs table, so the link never breaks.
 """
@@ -41,16 +43,18 @@ def runs_view(
     tags: Sequence[str] = (),
     score: str = "best/top1",
 ) -> dict:
-    """The study's runs without the parent (child runs would fold under it), so every trial is a
-    row; the parent and its report are one click away, on any trial's page. ``score`` is the
-    task's (``best/acc`` for a token task, ``best/ppl`` for a language model)."""
+    """The study's trials, each a row: not the parent (child runs would fold under it; it and
+    its report are one click away, on any trial's page), nor reruns, which the UI's one sort
+    key would put among (or above) the trials they repeat; a rerun is on its original's parent
+    page, named ``<trial>-rerun``. ``score`` is the task's (``best/acc`` for a token task,
+    ``best/ppl`` for a language model)."""
     metrics = [metric] + [score] * (metric != score)
     columns = [_column("tags", tag) for tag in (ARM_TAG, *tags)]
     columns += [_column("metrics", name) for name in metrics]
     columns += [_column("params", name) for name in params[:MAX_PARAM_COLUMNS]]
     columns += [_column("tags", STATUS_TAG)]
     return {
-        "searchFilter": f"tags.{STUDY_TAG} = '{study}' and tags.`{ROLE_TAG}` != 'study'",
+        "searchFilter": f"tags.{STUDY_TAG} = '{study}' and tags.`{ROLE_TAG}` = 'trial'",
         "orderByKey": _column("metrics", metric),
         "orderByAsc": mode == "min",
         "selectedColumns": columns,

@@ -3,6 +3,7 @@ around the base run of :mod:`guidance_tune.config`, validated once where the fil
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -244,7 +245,9 @@ def resolve_prepare_paths(settings: StudySettings) -> StudySettings:
     return settings.model_copy(update={"prepare": steps})
 
 
-def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConfig:
+def parse_study_config(
+    data: dict[str, Any], source: str = "study", overrides: Sequence[str] = ()
+) -> StudyConfig:
     data = dict(data)
     settings = data.pop("study", None)
     if not isinstance(settings, dict):
@@ -254,14 +257,14 @@ def parse_study_config(data: dict[str, Any], source: str = "study") -> StudyConf
     try:
         return StudyConfig(base=RunConfig.model_validate(data), study=settings)
     except ValidationError as error:
-        message = describe_errors(error, source).replace("  base.", "  ")
+        message = describe_errors(error, source, overrides).replace("  base.", "  ")
         raise ConfigError(message) from None
 
 
 def load_study_config(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """A study file: run sections at the top level (as for ``train``) plus ``study:``."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    spec = parse_study_config(data, source=str(path))
+    spec = parse_study_config(data, source=str(path), overrides=overrides or ())
     study = resolve_prepare_paths(spec.study)
     if study.description is None:
         study = study.model_copy(update={"description": header_comment(Path(path))})

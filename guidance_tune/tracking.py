@@ -320,6 +320,38 @@ def open_child_runs(tracking_uri: str, experiment_id: str, parent_run_id: str) -
     )
 
 
+RUN_ID_LENGTH = 32
+
+
+def resolve_run_id(tracking_uri: str, given: str) -> str:
+    """A full run id as given, or the one run whose id starts with ``given``: ``study best``
+    and the console show 8 characters, as git shows commits."""
+    from mlflow.entities import ViewType
+
+    if len(given) >= RUN_ID_LENGTH:
+        return given
+    client = mlflow_client(tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    matches, token = [], None
+    while experiments:
+        page = client.search_runs(
+            experiments, run_view_type=ViewType.ALL, max_results=1000, page_token=token
+        )
+        matches += [run.info.run_id for run in page if run.info.run_id.startswith(given)]
+        if not (token := page.token):
+            break
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise ConfigError(
+            f"no MLflow run {given!r} at {tracking_uri}, nor one whose id starts so: pass a run "
+            "id as `guidance-tune study best` prints it, or the run page's"
+        )
+    raise ConfigError(
+        f"{len(matches)} runs at {tracking_uri} have ids starting {given!r}: give more of the id"
+    )
+
+
 def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
     """The exact config a trial or run trained with, validated like any other config input."""
     from mlflow.exceptions import MlflowException

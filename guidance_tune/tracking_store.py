@@ -12,6 +12,7 @@ import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from guidance_tune.config import ConfigError
 
@@ -84,6 +85,12 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _port(uri: str) -> int:
+    """The port a server URI names, or its scheme's (MLflow's own 5000 is no default here)."""
+    parsed = urlparse(uri)
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 def _probe_server(uri: str) -> None:
     """One request, no retries, a short timeout, with the credentials MLflow itself would use."""
     from mlflow.utils.credentials import get_default_host_creds
@@ -102,7 +109,8 @@ def _probe_server(uri: str) -> None:
     except Exception as error:  # noqa: BLE001 - any failure to connect means the same to the user
         raise ConfigError(
             f"MLflow server {uri} did not answer within {PROBE_SECONDS} s ({type(error).__name__}):"
-            " start it (`mlflow server --host 127.0.0.1 --port 5000`) or fix --tracking-uri"
+            f" start it (`mlflow server --host 127.0.0.1 --port {_port(uri)}`) or fix "
+            "--tracking-uri"
         ) from None
     if response.status_code in (401, 403):
         raise ConfigError(

@@ -163,6 +163,15 @@ def test_config_json_round_trip_is_exact(tiny_yaml, tmp_path):
     assert parse_run_config(json.loads(json.dumps(config_to_dict(config)))) == config
 
 
+def test_a_set_value_of_the_wrong_type_is_named_with_its_option(tiny_yaml, capsys):
+    assert main(["train", str(tiny_yaml), "--set", "train.epochs=abc"]) == 2
+    field = capsys.readouterr().err.splitlines()[1]
+    assert field == (
+        "  train.epochs: Input should be a valid integer, unable to parse string as an integer "
+        "(got 'abc'), from --set train.epochs=abc"
+    )
+
+
 @pytest.fixture(scope="module")
 def recorded_store(tmp_path_factory):
     """A store holding one recorded run, that the failing commands below must leave as is."""
@@ -189,7 +198,11 @@ FAILURES = {
     "garbage --resume": (["train", "{tiny}", "--resume", "{tmp}/garbage"], "not a readable"),
     "unreachable tracking server": (
         ["train", "{tiny}", "--tracking-uri", "http://127.0.0.1:9"],
-        "did not answer",
+        "start it (`mlflow server --host 127.0.0.1 --port 9`)",
+    ),
+    "rerun of an unknown short run id": (
+        ["rerun", "01234567", "--tracking-uri", "{uri}"],
+        "nor one whose id starts so",
     ),
     # nothing listens there (or, installed without the [server] extra, its driver is missing)
     "PostgreSQL store it can't use": (

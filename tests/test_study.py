@@ -121,13 +121,16 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     _, export_losses = metric_curve(uri, exported.info.run_id, "val/loss")
     assert export_losses[: len(trial_losses)] == trial_losses  # ASHA may have stopped the trial
 
-    # `rerun` reproduces the winner exactly, without Ray, nested beside it under the study
-    assert main(["rerun", result_best, "--tracking-uri", uri, "--quiet"]) == 0
+    # `rerun` reproduces the winner exactly, without Ray, nested beside it under the study,
+    # from the 8 characters `study best` shows, quietly
+    assert main(["rerun", result_best[:8], "--tracking-uri", uri, "--quiet"]) == 0
+    assert "Downloading artifacts" not in capsys.readouterr().err
     reruns = client.search_runs([parent.info.experiment_id], f"tags.rerun_of = '{result_best}'")
     assert len(reruns) == 1
     (rerun,) = reruns
     assert rerun.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert rerun.info.run_name == client.get_run(result_best).info.run_name + "-rerun"
+    assert rerun.data.tags["arm"] == client.get_run(result_best).data.tags["arm"]
     comparison = client.download_artifacts(rerun.info.run_id, "rerun/comparison.md", tmp_path)
     assert "original" in open(comparison).read() and "best/loss" in open(comparison).read()
     original = client.get_run(result_best).data.metrics
@@ -137,6 +140,9 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     capsys.readouterr()
     assert main(["study", "best", "four-trials", "--tracking-uri", uri, "--format", "json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 4  # the rerun is not a trial
+    # a search has no seeds table until it is confirmed: said, not an empty success
+    assert main(["study", "table", "four-trials", "--tracking-uri", uri]) == 2
+    assert "study confirm four-trials" in capsys.readouterr().err
     assert len(children_after) == 5
 
 
