@@ -12,10 +12,14 @@ shared storage (a Tune ``storage_path``, a colleague's run) can hold tensors but
   as ``checkpoints/best.pt``: the weights alone, without the optimiser's two extra copies.
 - ``state.pt``: the rest of what resuming needs (optimiser, lr schedule, RNG, history, best;
   the best epoch's weights too in a run that evaluates them on test at its end).
+
+Beside them, ``mlflow_run.json`` names the MLflow run the epochs were logged to (its tracking
+URI and run id), so that ``train --resume`` goes on logging to that run instead of a new one.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 import zipfile
@@ -30,6 +34,7 @@ from guidance_tune.config import ConfigError
 Checkpoint = dict[str, Any]
 WEIGHTS_FILE = "weights.pt"
 STATE_FILE = "state.pt"
+RUN_FILE = "mlflow_run.json"
 STATE_KEYS = (
     "epoch",
     "step",
@@ -132,6 +137,36 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
             f"{state['epoch']}): its last save was cut off; use an earlier checkpoint"
         )
     return {**state, "target": weights["model"]}
+
+
+def save_run_link(directory: str | Path, run: dict[str, str] | None) -> None:
+    """Name the MLflow run (``{"tracking_uri": ..., "run_id": ...}``) the directory's epochs
+    were logged to, or none: a link an earlier run left here would name the wrong run."""
+    path = Path(directory) / RUN_FILE
+    if run is None:
+        path.unlink(missing_ok=True)
+        return
+    partial = path.with_suffix(path.suffix + ".partial")
+    partial.write_text(json.dumps(run))
+    partial.replace(path)
+
+
+def load_run_link(directory: str | Path) -> dict[str, str] | None:
+    """The MLflow run a checkpoint directory names (see :func:`save_run_link`), if any."""
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        run = None
+    if not isinstance(run, dict) or not all(
+        isinstance(run.get(key), str) for key in ("tracking_uri", "run_id")
+    ):
+        raise ConfigError(
+            f"{path} does not name an MLflow run: delete it to log the resumed epochs to a new run"
+        )
+    return run
 
 
 def load_tensors_only(path: Path) -> Any:

@@ -13,12 +13,17 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from guidance_tune.cli_study import add_overrides_option, add_study_commands
-from guidance_tune.config import GENERATED_DATASETS, ConfigError, load_run_config
+from guidance_tune.config import GENERATED_DATASETS, ConfigError, RunConfig, load_run_config
 from guidance_tune.console import quiet_libraries, quiet_mlflow
 
+if TYPE_CHECKING:
+    from guidance_tune.tracking import RunRecord
+
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
 
 
 def _add_train(commands) -> None:
@@ -62,8 +67,9 @@ def _add_layers(commands) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Everything the user can get wrong is checked before data loads or a run opens."""
-    from guidance_tune.checkpoint import load_checkpoint
+    """Everything the user can get wrong is checked before data loads or a run opens. Ctrl-C
+    once an epoch is saved prints the command that resumes it (into the same MLflow run)."""
+    from guidance_tune.checkpoint import load_checkpoint, load_run_link
     from guidance_tune.config import require_writable
     from guidance_tune.outcome import Outcome
     from guidance_tune.reporting import (
@@ -72,7 +78,6 @@ def _train(args: argparse.Namespace) -> int:
         print_summary,
         train_recorded,
     )
-    from guidance_tune.tracking import ROLE_TAG, RunRecord, ensure_experiment
     from guidance_tune.tracking_store import check_store, resolve_tracking_uri
     from guidance_tune.train import build_run
 
@@ -83,18 +88,49 @@ def _train(args: argparse.Namespace) -> int:
         check_store(uri, create=True)
     if args.checkpoint:
         require_writable(args.checkpoint, "--checkpoint")
-    run = build_run(config, load_checkpoint(args.resume) if args.resume else None)
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    link = load_run_link(args.resume) if args.resume else None
+    run = build_run(config, checkpoint)
+    record = _train_record(args, uri, config, link)
     reporters = [ConsoleReporter(config.train.epochs, enabled=not args.quiet)]
+    saving = None
     if args.checkpoint:
-        reporters.append(CheckpointDirectory(args.checkpoint))
-    record = None
-    if uri is not None:
-        experiment_id = ensure_experiment(uri, args.experiment)
-        tags = {ROLE_TAG: "run"}
-        record = RunRecord.start(uri, experiment_id, config.name, tags, config, args.command)
-    result = train_recorded(run, record, reporters)
+        saving = CheckpointDirectory(args.checkpoint, record)
+        reporters.append(saving)
+    try:
+        result = train_recorded(run, record, reporters)
+    except KeyboardInterrupt:
+        if saving is None or not (saving.saved or args.resume == args.checkpoint):
+            raise  # no epoch of this run to resume from
+        print(f"interrupted: continue with `{_resume_command(args)}`")
+        return EXIT_INTERRUPTED
     print_summary(result, record.run_id if record else None)
     return 0 if result.status == Outcome.FINISHED else 1
+
+
+def _train_record(
+    args: argparse.Namespace, uri: str | None, config: RunConfig, link: dict[str, str] | None
+) -> RunRecord | None:
+    """The MLflow run ``train`` logs to: the run the resumed checkpoint names (``link``) where
+    its epochs can go on there, else a new one; None with tracking off."""
+    from guidance_tune.reporting import continued_record
+    from guidance_tune.tracking import ROLE_TAG, RunRecord, ensure_experiment
+
+    if link is not None and (record := continued_record(link, uri, config)) is not None:
+        return record
+    if uri is None:
+        return None
+    experiment_id = ensure_experiment(uri, args.experiment)
+    tags = {ROLE_TAG: "run"}
+    return RunRecord.start(uri, experiment_id, config.name, tags, config, args.command)
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The user's own command (every --set and tracking option as typed), resuming from its
+    --checkpoint directory: argparse keeps the last --resume, so an appended one wins."""
+    if args.resume == args.checkpoint:
+        return args.command
+    return f"{args.command} --resume {shlex.quote(str(args.checkpoint))}"
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -178,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("guidance-tune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from guidance_tune.checkpoint import (
+    RUN_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
+    load_run_link,
     load_tensors_only,
     save_checkpoint,
     save_file,
+    save_run_link,
 )
 from guidance_tune.config import ConfigError
 from guidance_tune.models import create_model
@@ -84,3 +87,17 @@ def test_a_checkpoint_of_another_model_is_refused_before_training(checkpoint_dir
     other = tiny_config(target={"kwargs": {"depth": 3, "first_width": 32, "width": 32}})
     with pytest.raises(ConfigError, match="does not fit this config"):
         build_run(other, load_checkpoint(checkpoint_dir))
+
+
+def test_a_checkpoint_names_its_mlflow_run_until_an_untracked_run_saves_over_it(checkpoint_dir):
+    run = {"tracking_uri": "sqlite:////runs/mlflow.db", "run_id": "0123abcd"}
+    save_run_link(checkpoint_dir, run)
+    assert load_run_link(checkpoint_dir) == run
+    save_run_link(checkpoint_dir, None)
+    assert load_run_link(checkpoint_dir) is None
+
+
+def test_a_run_link_that_names_no_run_is_refused_with_the_fix(checkpoint_dir):
+    (checkpoint_dir / RUN_FILE).write_text('{"run_id": 7}')
+    with pytest.raises(ConfigError, match="delete it to log the resumed epochs to a new run"):
+        load_run_link(checkpoint_dir)

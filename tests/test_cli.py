@@ -86,6 +86,44 @@ def test_train_checkpoint_then_resume_finishes_the_remaining_epochs(tiny_yaml, t
     assert "epoch 1/2" not in out and "epoch 2/2" in out
 
 
+def _val_loss_steps(uri, run):
+    return [
+        m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val/loss")
+    ]
+
+
+def test_a_resume_logging_to_another_store_starts_a_new_run_and_says_so(
+    tiny_yaml, tmp_path, capsys
+):
+    checkpoint = tmp_path / "checkpoint"
+    first, other = f"sqlite:///{tmp_path}/first.db", f"sqlite:///{tmp_path}/other.db"
+    args = ["train", str(tiny_yaml), "--quiet", "--checkpoint", str(checkpoint)]
+    assert main([*args, "--set", "train.epochs=1", "--tracking-uri", first]) == 0
+    capsys.readouterr()
+    assert main([*args, "--resume", str(checkpoint), "--tracking-uri", other]) == 0
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert f"it is in {first}, not {other}: logging the resumed ones to a new run" in warning
+    (kept,) = _runs(first)
+    assert kept.info.status == "FINISHED" and _val_loss_steps(first, kept) == [1]
+    (resumed,) = _runs(other)
+    assert resumed.info.status == "FINISHED" and _val_loss_steps(other, resumed) == [2]
+
+
+def test_a_resume_with_a_changed_config_starts_a_new_run_naming_the_change(
+    tiny_yaml, tmp_path, capsys
+):
+    """The run's config.json must keep describing what it trained: a longer run is a new run."""
+    checkpoint, uri = tmp_path / "checkpoint", f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["train", str(tiny_yaml), "--quiet", "--checkpoint", str(checkpoint)]
+    assert main([*args, "--tracking-uri", uri, "--set", "train.epochs=1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--tracking-uri", uri, "--resume", str(checkpoint)]) == 0
+    err = capsys.readouterr().err
+    assert "this config changes train.epochs: logging the resumed ones to a new run" in err
+    steps = sorted(_val_loss_steps(uri, run) for run in _runs(uri))
+    assert steps == [[1], [2]]
+
+
 BAD_CONFIGS = [
     ("target: {name: deep_fcn}\nlearning_rate: 0.1\n", "learning_rate: unknown key"),
     ("name: it's mine\n", "can't name an experiment"),

@@ -1,4 +1,5 @@
-"""A study interrupted at each point of a trial's life, then resumed: the record stays whole.
+"""A study interrupted at each point of a trial's life, then resumed: the record stays whole;
+and the same for one `train --checkpoint` run cut off by Ctrl-C.
 
 The driver runs as a real process on its own local Ray, logging over HTTP to a real
 `mlflow server` through a small proxy that can hold the upload of a best checkpoint, so that a
@@ -8,6 +9,7 @@ epoch or mid-epoch by the test model in tests/factories.py.
 
 import http.server
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT
 
 from .factories import RELEASE_FILE
 from .processes import start, stop, wait_until
+from .test_cli import TINY
 from .test_study import STEPS, assert_best_checkpoint_is_the_best_epoch, scripted_target, study_dict
 
 pytestmark = pytest.mark.slow
@@ -231,3 +234,57 @@ def test_a_trial_lost_with_a_driver_killed_before_tune_saved_it_is_marked_killed
     assert all(run.data.tags["status"] == "finished" for run in kept)
     (parent,) = client.search_runs([experiment], "tags.`guidance_tune.role` = 'study'")
     assert parent.info.status == "FINISHED" and parent.data.metrics["num_trials"] == 2
+
+
+def test_a_ctrl_c_train_prints_the_command_that_resumes_it_into_the_same_mlflow_run(tmp_path):
+    markers, checkpoint = tmp_path / "markers", tmp_path / "checkpoint"
+    markers.mkdir()
+    steps = TINY["train"]["max_steps_per_epoch"]
+    config = {
+        **TINY,
+        "target": scripted_target(markers, hold_at=steps + 1),  # epoch 2's first step
+        "train": {**TINY["train"], "epochs": 3},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    typed = ["guidance-tune", "train", str(path), "--set", "optim.lr=2e-3", "--quiet"]
+    typed += ["--tracking-uri", uri, "--experiment", "ctrl-c", "--checkpoint", str(checkpoint)]
+    # the printed command is run as the user would run it: from $PATH
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": "",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+    }
+    log = tmp_path / "train.log"
+    process = start(typed, log, env)
+    try:
+        wait_until(lambda: any(markers.glob("held-*")) or process.poll() is not None, 240, "hold")
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert (checkpoint / "state.pt").is_file()  # epoch 1 is saved
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=120)
+    finally:
+        stop(process)
+    output = log.read_text()
+    assert process.returncode == 130, output[-3000:]
+    (line,) = [line for line in output.splitlines() if line.startswith("interrupted:")]
+    command = line.split("`")[1]
+    assert command == f"{shlex.join(typed)} --resume {checkpoint}"
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("ctrl-c").experiment_id
+    (killed,) = client.search_runs([experiment])
+    assert killed.info.status == "KILLED" and killed.data.tags["status"] == "killed"
+
+    (markers / RELEASE_FILE).touch()  # the resumed run's scripted model holds no more
+    resumed = subprocess.run(
+        shlex.split(command), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run,) = client.search_runs([experiment])
+    assert run.info.run_id == killed.info.run_id
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "finished"
+    assert "error" not in run.data.tags
+    steps_logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert sorted(steps_logged) == [1, 2, 3]
