@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.variants import Options, build
-from guidance_tune.alignment import METRICS
-from guidance_tune.layers import LayerCapture
-from guidance_tune.train import guided_loss
+from guidance_tune.guidance.alignment import METRICS
+from guidance_tune.guidance.layers import LayerCapture
+from guidance_tune.training.loop import guided_loss
 
 LIMIT = 1e-3  # max |CKA(bf16) - CKA(fp32)| over pairs
 

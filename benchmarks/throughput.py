@@ -62,7 +62,7 @@ def arms(args: argparse.Namespace, gpus: int) -> list[dict]:
 
 
 def study_spec(args: argparse.Namespace, arm: dict, scratch: Path):
-    from guidance_tune.study_spec import load_study
+    from guidance_tune.study.checks import load_study
 
     overrides = {
         "name": "throughput",
@@ -81,7 +81,7 @@ def study_spec(args: argparse.Namespace, arm: dict, scratch: Path):
 
 def run_arm(args: argparse.Namespace, arm: dict) -> dict:
     """One study, timed from launch to summary (Tune's per-trial start-up included)."""
-    from guidance_tune.study import launch
+    from guidance_tune.study.launch import launch
 
     with tempfile.TemporaryDirectory(prefix="throughput-") as scratch:
         spec = study_spec(args, arm, Path(scratch))

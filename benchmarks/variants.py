@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from guidance_tune.config import ModelConfig
-from guidance_tune.guidance import Guidance
+from guidance_tune.data.tasks import CLASSIFICATION, Task
+from guidance_tune.guidance.term import Guidance
 from guidance_tune.models import create_model
-from guidance_tune.tasks import CLASSIFICATION, Task
-from guidance_tune.train import guided_loss, resolve_device
+from guidance_tune.training.loop import guided_loss, resolve_device
 
 VARIANTS = ("plain", "guide", "guided")
 

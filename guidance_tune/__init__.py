@@ -8,15 +8,15 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Guidance": "guidance_tune.guidance",
-    "LogitDistillation": "guidance_tune.guidance",
+    "Guidance": "guidance_tune.guidance.term",
+    "LogitDistillation": "guidance_tune.guidance.term",
     "RunConfig": "guidance_tune.config",
     "GuidanceConfig": "guidance_tune.config",
     "load_run_config": "guidance_tune.config",
-    "train": "guidance_tune.train",
-    "Reporter": "guidance_tune.train",
+    "train": "guidance_tune.training.loop",
+    "Reporter": "guidance_tune.training.loop",
     "create_model": "guidance_tune.models",
-    "load_data": "guidance_tune.data",
+    "load_data": "guidance_tune.data.splits",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -11,7 +11,7 @@ factory, so run configs (and the ``config.json`` of an MLflow run that ``rerun``
 trusted input, like a Python script. Checkpoints, by contrast, hold tensors only.
 
 This module holds one run; a study file (a base run plus ``study:``) is typed in
-:mod:`guidance_tune.study_config`.
+:mod:`guidance_tune.study.config`.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ SELECTABLE_METRICS = tuple(f"val/{name}" for name in SPLIT_METRICS)
 _HIGHER_IS_BETTER = ("top1", "top5", "acc", "samples_per_second")
 
 
-# The score a run reports beside its loss (its task's, :mod:`tasks`): a classification's
-# top-1, a token task's token accuracy, a language model's perplexity.
+# The score a run reports beside its loss (its task's, :mod:`~guidance_tune.data.tasks`): a
+# classification's top-1, a token task's token accuracy, a language model's perplexity.
 SCORES = ("top1", "acc", "ppl")
 ACCURACIES = ("top1", "top5", "acc")  # shares, shown in percent
 

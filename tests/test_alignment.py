@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from guidance_tune.alignment import (
+from guidance_tune.guidance.alignment import (
     METRICS,
     debiased_cka,
     gram,

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from guidance_tune.arms import (
+from guidance_tune.config import ConfigError, RunConfig
+from guidance_tune.study.arms import (
     arm_configs,
     chosen_lrs,
     confirm_sources,
@@ -12,9 +13,8 @@ from guidance_tune.arms import (
     lr_units,
     seed_units,
 )
-from guidance_tune.config import ConfigError, RunConfig
-from guidance_tune.results import TrialRow
-from guidance_tune.study_config import parse_study_config
+from guidance_tune.study.config import parse_study_config
+from guidance_tune.tracking.results import TrialRow
 
 
 def arms_spec(**arms):

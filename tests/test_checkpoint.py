@@ -5,7 +5,9 @@ import os
 import pytest
 import torch
 
-from guidance_tune.checkpoint import (
+from guidance_tune.config import ConfigError
+from guidance_tune.models import create_model
+from guidance_tune.training.checkpoint import (
     RUN_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
@@ -16,9 +18,7 @@ from guidance_tune.checkpoint import (
     save_file,
     save_run_link,
 )
-from guidance_tune.config import ConfigError
-from guidance_tune.models import create_model
-from guidance_tune.train import build_run, make_checkpoint
+from guidance_tune.training.loop import build_run, make_checkpoint
 
 from .test_train import tiny_config
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from guidance_tune.cli import main
+from guidance_tune.cli.main import main
 from guidance_tune.config import load_run_config
-from guidance_tune.tracking import load_run_config_from_mlflow
+from guidance_tune.tracking.record import load_run_config_from_mlflow
 
 TINY = {
     "name": "cli-tiny",
@@ -299,7 +299,7 @@ def test_each_user_error_exits_2_with_a_message_and_writes_nothing(
 
 
 def test_rerun_of_a_studys_parent_run_says_to_pick_a_trial(tmp_path, capsys):
-    from guidance_tune.tracking import RunRecord, ensure_experiment
+    from guidance_tune.tracking.record import RunRecord, ensure_experiment
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tags = {"guidance_tune.role": "study", "study": "demo"}

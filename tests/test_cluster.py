@@ -12,7 +12,7 @@ import mlflow
 import pytest
 import yaml
 
-from guidance_tune.mlflow_view import runs_page
+from guidance_tune.tracking.view import runs_page
 
 from .processes import (
     free_port,

@@ -12,15 +12,15 @@ from PIL import Image
 from torch import nn
 
 from guidance_tune.config import GENERATED_DATASETS, ConfigError, DataConfig
-from guidance_tune.data import (
+from guidance_tune.data.files import require_data_files
+from guidance_tune.data.readers import read_idx
+from guidance_tune.data.splits import (
     DataSplits,
     load_data,
     random_crop_flip,
     sample_batch,
     split_indices,
 )
-from guidance_tune.data_files import require_data_files
-from guidance_tune.datasets import read_idx
 
 CPU = torch.device("cpu")
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -23,8 +23,8 @@ import mlflow
 import pytest
 import yaml
 
-from guidance_tune.cli import main
-from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT
+from guidance_tune.cli.main import main
+from guidance_tune.tracking.record import BEST_WEIGHTS_ARTIFACT
 
 from .factories import RELEASE_FILE
 from .processes import start, stop, wait_until

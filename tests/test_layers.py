@@ -4,7 +4,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torchvision.models import resnet18, resnet50
 
-from guidance_tune.layers import (
+from guidance_tune.guidance.layers import (
     LayerCapture,
     batch_first,
     build_pairs,

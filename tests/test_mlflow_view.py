@@ -5,7 +5,7 @@ import json
 
 import mlflow
 
-from guidance_tune.mlflow_view import (
+from guidance_tune.tracking.view import (
     MAX_PARAM_COLUMNS,
     runs_page,
     runs_view,

@@ -7,9 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from guidance_tune.report import CURVE_METRIC, best_arms, curves_figure, study_report
-from guidance_tune.results import find_study, metric_curve, rank_trials, trial_rows
-from guidance_tune.tracking import RunRecord
+from guidance_tune.study.report import CURVE_METRIC, best_arms, curves_figure, study_report
+from guidance_tune.tracking.record import RunRecord
+from guidance_tune.tracking.results import find_study, metric_curve, rank_trials, trial_rows
 
 from .test_results import STUDY, TRIALS, make_study
 

@@ -8,7 +8,8 @@ import yaml
 
 from guidance_tune.config import ConfigError, RunConfig, load_run_config
 from guidance_tune.outcome import Outcome
-from guidance_tune.results import (
+from guidance_tune.tracking.record import RunRecord, ensure_experiment, load_run_config_from_mlflow
+from guidance_tune.tracking.results import (
     compare_runs,
     export_config,
     find_study,
@@ -17,7 +18,6 @@ from guidance_tune.results import (
     trial_rows,
     varying_params,
 )
-from guidance_tune.tracking import RunRecord, ensure_experiment, load_run_config_from_mlflow
 
 STUDY = "demo"
 # name: (guidance.kind, guidance.weight, optim.lr, val/loss per epoch or None for a crash)

@@ -5,9 +5,10 @@ import json
 import pytest
 
 from guidance_tune.config import DataConfig
-from guidance_tune.run_inputs import dataset_inputs
-from guidance_tune.run_params import acting_params, study_params
-from guidance_tune.study_config import parse_study_config
+from guidance_tune.study.config import parse_study_config
+from guidance_tune.study.parent import study_params
+from guidance_tune.tracking.inputs import dataset_inputs
+from guidance_tune.tracking.params import acting_params
 
 from .test_data import _load, _write_imagefolder
 from .test_train import tiny_config

@@ -5,8 +5,7 @@ import math
 import pytest
 from scipy import stats
 
-from guidance_tune.results import TrialRow
-from guidance_tune.seed_report import (
+from guidance_tune.study.seeds import (
     arm_results,
     curves_figure,
     seed_csv,
@@ -15,6 +14,7 @@ from guidance_tune.seed_report import (
     verdict,
     welch_interval,
 )
+from guidance_tune.tracking.results import TrialRow
 
 
 def test_welch_interval_matches_the_hand_computed_case():

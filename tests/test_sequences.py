@@ -8,14 +8,9 @@ import pytest
 import torch
 import yaml
 
-from guidance_tune.cli import main
+from guidance_tune.cli.main import main
 from guidance_tune.config import DataConfig, GuidanceConfig, ModelConfig, parse_run_config
-from guidance_tune.data import load_data
-from guidance_tune.guidance import Guidance, make_noise
-from guidance_tune.layers import build_pairs, discover_layers
-from guidance_tune.models import create_model
-from guidance_tune.results import find_study
-from guidance_tune.sequences import (
+from guidance_tune.data.sequences import (
     COPY,
     EOS,
     PARITY_PAD,
@@ -24,10 +19,15 @@ from guidance_tune.sequences import (
     parity_examples,
     parity_positions,
 )
-from guidance_tune.study import launch
-from guidance_tune.study_config import parse_study_config
-from guidance_tune.tasks import TASKS, task_of
-from guidance_tune.train import build_run, fit, guided_loss
+from guidance_tune.data.splits import load_data
+from guidance_tune.data.tasks import TASKS, task_of
+from guidance_tune.guidance.layers import build_pairs, discover_layers
+from guidance_tune.guidance.term import Guidance, make_noise
+from guidance_tune.models import create_model
+from guidance_tune.study.config import parse_study_config
+from guidance_tune.study.launch import launch
+from guidance_tune.tracking.results import find_study
+from guidance_tune.training.loop import build_run, fit, guided_loss
 
 from .test_study import assert_the_winner_is_a_registered_model
 

@@ -7,11 +7,11 @@ import statistics
 import mlflow
 import pytest
 
-from guidance_tune.cli import main
-from guidance_tune.results import find_study
-from guidance_tune.seed_report import TABLE_ARTIFACT
-from guidance_tune.study import launch
-from guidance_tune.study_config import parse_study_config
+from guidance_tune.cli.main import main
+from guidance_tune.study.config import parse_study_config
+from guidance_tune.study.launch import launch
+from guidance_tune.study.seeds import TABLE_ARTIFACT
+from guidance_tune.tracking.results import find_study
 
 from .test_study import study_dict
 

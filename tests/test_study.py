@@ -8,14 +8,14 @@ import pytest
 import torch
 import yaml
 
-from guidance_tune.cli import main
+from guidance_tune.cli.main import main
 from guidance_tune.config import ConfigError, load_run_config
-from guidance_tune.results import find_study, metric_curve
-from guidance_tune.study import launch
-from guidance_tune.study_config import parse_study_config
-from guidance_tune.study_spec import load_study
-from guidance_tune.tracking import BEST_WEIGHTS_ARTIFACT, load_run_config_from_mlflow
-from guidance_tune.train import build_run, evaluate
+from guidance_tune.study.checks import load_study
+from guidance_tune.study.config import parse_study_config
+from guidance_tune.study.launch import launch
+from guidance_tune.tracking.record import BEST_WEIGHTS_ARTIFACT, load_run_config_from_mlflow
+from guidance_tune.tracking.results import find_study, metric_curve
+from guidance_tune.training.loop import build_run, evaluate
 
 from .test_data import _write_fashion_mnist
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from guidance_tune.config import ConfigError, DataConfig, parse_run_config
-from guidance_tune.corpus import generate_corpus, make_lexicon, write_corpus
-from guidance_tune.data import load_data
-from guidance_tune.tasks import TASKS
-from guidance_tune.text import (
+from guidance_tune.data.corpus import generate_corpus, make_lexicon, write_corpus
+from guidance_tune.data.splits import load_data
+from guidance_tune.data.tasks import TASKS
+from guidance_tune.data.text import (
     EOS_WORD,
     UNK,
     build_vocabulary,
@@ -20,7 +20,7 @@ from guidance_tune.text import (
     sequences,
     words_of,
 )
-from guidance_tune.train import Reporter, build_run, train_one_epoch
+from guidance_tune.training.loop import Reporter, build_run, train_one_epoch
 
 CPU = torch.device("cpu")
 

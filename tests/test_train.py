@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from guidance_tune.checkpoint import load_checkpoint, save_checkpoint
 from guidance_tune.config import ConfigError, parse_run_config
-from guidance_tune.train import Reporter, build_run, evaluate, fit, train
+from guidance_tune.training.checkpoint import load_checkpoint, save_checkpoint
+from guidance_tune.training.loop import Reporter, build_run, evaluate, fit, train
 
 TIMING_KEYS = {"epoch_seconds", "samples_per_second", "peak_memory_gib"}
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import mlflow
 
-from guidance_tune.mlflow_view import runs_page
-from guidance_tune.tracking import ROLE_TAG, STUDY_TAG
+from guidance_tune.tracking.record import ROLE_TAG, STUDY_TAG
+from guidance_tune.tracking.view import runs_page
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from guidance_tune.models import register_model
+from guidance_tune.models.registry import register_model
 
 EXPANSION = 4
 

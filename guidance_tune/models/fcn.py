@@ -14,7 +14,7 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from guidance_tune.models import register_model
+from guidance_tune.models.registry import register_model
 
 
 def _block(in_features: int, out_features: int, dropout: float, batch_norm: bool) -> nn.Sequential:

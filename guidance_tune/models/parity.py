@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from guidance_tune.models import register_model
+from guidance_tune.models.registry import register_model
 from guidance_tune.models.sequence import sinusoidal_positions
 
 PAD = 2  # guidance_tune.sequences.PARITY_PAD: models do not import the data

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from guidance_tune.models import register_model
+from guidance_tune.models.registry import register_model
 
 
 class RNNLM(nn.Module):

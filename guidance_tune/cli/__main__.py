@@ -1,0 +1,5 @@
+import sys
+
+from guidance_tune.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,3 @@
+"""Guidance itself: similarity metrics as pure tensor functions (:mod:`.alignment`), the hooked
+layers and the guide-to-target mapping (:mod:`.layers`), and the loss term a training step adds
+(:mod:`.term`: representational alignment, or logit distillation as a baseline)."""

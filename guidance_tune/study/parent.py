@@ -1,0 +1,61 @@
+"""The study's parent MLflow run as the study writes and reads it: its params (how it searched,
+what it ranks by) and its ``study.json``, the whole study file, read back validated by
+``study best``, ``confirm``, ``table`` and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from guidance_tune.config import ConfigError
+from guidance_tune.study.config import StudyConfig
+from guidance_tune.tracking.record import STUDY_ARTIFACT, mlflow_client
+
+
+def study_params(spec: StudyConfig) -> dict[str, str]:
+    """A study parent run's params: how it searched (or which arms it ran) and what it ranks by;
+    the base run's fields are in ``study.json`` and on every child."""
+    settings = spec.study
+    params = {"space": settings.space, "metric": settings.metric, "mode": str(settings.mode)}
+    if settings.arms is not None:
+        params["arms"] = ", ".join(arm.name for arm in settings.arms.arms)
+        params["seeds"] = str(settings.arms.seeds)
+        params["reference"] = str(settings.arms.reference)
+        if settings.arms.lr:
+            params["lr_grid"] = ", ".join(f"{lr:g}" for lr in settings.arms.lr)
+        return params
+    params["num_trials"] = str(settings.num_trials)
+    params["scheduler"] = settings.scheduler.kind
+    if settings.scheduler.kind == "asha":
+        params["scheduler.grace_period"] = str(settings.scheduler.grace_period)
+        params["scheduler.reduction_factor"] = str(settings.scheduler.reduction_factor)
+    params.update({f"space_options.{k}": str(v) for k, v in settings.space_options.items()})
+    if settings.confirm is not None:
+        params["confirm.top"] = str(settings.confirm.top)
+        params["confirm.seeds"] = str(settings.confirm.seeds)
+    return params
+
+
+def load_study_from_mlflow(tracking_uri: str, parent_run_id: str) -> StudyConfig:
+    """The study file a parent run was launched with (its ``study.json``), validated."""
+    from mlflow.exceptions import MlflowException
+    from pydantic import ValidationError
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow_client(tracking_uri).download_artifacts(
+                parent_run_id, STUDY_ARTIFACT, scratch
+            )
+        except (MlflowException, OSError):
+            raise ConfigError(
+                f"study run {parent_run_id} has no {STUDY_ARTIFACT}: launch the study again"
+            ) from None
+        data = json.loads(Path(local).read_text())
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(
+            f"study run {parent_run_id}: its {STUDY_ARTIFACT} no longer validates ({error})"
+        ) from None

@@ -1,0 +1,82 @@
+"""The Ray Tune trainable: a thin adapter that runs ``train`` for one trial.
+
+The trial's MLflow run is found by its Tune trial id before one is made, so a retried or
+restored trial continues its own run. A stage of fixed runs (confirmation seeds, arms) names
+each trial's config as a :class:`~guidance_tune.study.context.Unit`, whose key is its identity
+instead: a stage run again continues the same runs, and its finished ones are not run twice.
+
+Each epoch is logged to MLflow first and reported to Tune second, with a checkpoint: Tune may
+end the trial inside ``tune.report`` (``SystemExit`` from ASHA or max_t), and nothing after that
+call is sure to run. So the trial never closes its run; the driver does, once Tune is done with
+the trial (:mod:`guidance_tune.study.callbacks`), with the best epoch's weights from the
+checkpoints Tune kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from guidance_tune.study.context import TrialTracking, arm_of, trial_config
+from guidance_tune.study.quiet import quiet_trial_process
+from guidance_tune.tracking.inputs import dataset_inputs
+from guidance_tune.tracking.record import ARM_TAG, RunRecord
+from guidance_tune.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from guidance_tune.training.loop import Reporter, build_run, fit
+
+
+class TuneReporter(Reporter):
+    """Logs an epoch to MLflow, then reports it to Tune with the epoch's checkpoint."""
+
+    def __init__(self, record: RunRecord, tracking: TrialTracking) -> None:
+        self.record = record
+        self.tracking = tracking
+
+    def epoch(self, metrics: dict[str, float], checkpoint: Callable[[], Checkpoint]) -> None:
+        self.record.log_epoch(metrics)
+        if self.tracking.metric not in metrics:  # Tune's searcher and scheduler need it always
+            worst = float("inf") if self.tracking.mode == "min" else float("-inf")
+            metrics = {**metrics, self.tracking.metric: worst}
+        with tempfile.TemporaryDirectory() as scratch:
+            save_checkpoint(checkpoint(), scratch)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(scratch))
+
+
+def _restored_checkpoint() -> Checkpoint | None:
+    if (resumed := tune.get_checkpoint()) is None:
+        return None
+    with resumed.as_directory() as directory:
+        return load_checkpoint(Path(directory))
+
+
+def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTracking) -> None:
+    """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
+    quiet_trial_process()
+    config = trial_config(base, tracking.params(params))
+    context = tune.get_context()
+    record = RunRecord.for_trial(
+        tracking.tracking_uri,
+        tracking.experiment_id,
+        {ARM_TAG: arm_of(config), **tracking.trial_tags(context.get_trial_id(), params)},
+        context.get_trial_name(),
+        config,
+        tracking.command,
+    )
+    record.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id()})
+    try:
+        run = build_run(config, _restored_checkpoint())
+        record.log_inputs(dataset_inputs(config.data, run.data, test=config.train.evaluate_test))
+        with record.system_metrics(tracking.system_metrics_seconds):
+            fit(run, TuneReporter(record, tracking))
+    except SystemExit:
+        raise  # Tune ended the trial (ASHA, max_t): the driver closes its run
+    except BaseException as error:
+        record.note_error(error)  # the driver closes the run once Tune gives up on the trial
+        raise
