@@ -191,8 +191,20 @@ class RunRecord:
 
     def log_inputs(self, inputs: list) -> None:
         """MLflow ``DatasetInput`` s (see :mod:`~guidance_tune.tracking.inputs`); logging the same
-        ones again (a retried trial) adds nothing."""
-        self._client.log_inputs(self.run_id, datasets=inputs)
+        ones again (a retried trial) adds nothing, and trials logging them at once all do."""
+        from mlflow.exceptions import MlflowException
+
+        # The store creates a dataset new to the experiment in the same transaction that links
+        # it: of two runs doing so at once, one fails on the dataset's key and nothing of its
+        # call is kept. Each such failure means another run has just created one of ``inputs``,
+        # which the next try finds and links, so one retry per dataset always suffices.
+        for retries_left in range(len(inputs), -1, -1):
+            try:
+                self._client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as error:
+                if not retries_left or not _dataset_created_meanwhile(error):
+                    raise
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -279,6 +291,13 @@ class RunRecord:
             except OSError:
                 shutil.copyfile(weights, named)
             self._client.log_artifact(self.run_id, str(named), folder)
+
+
+def _dataset_created_meanwhile(error: Exception) -> bool:
+    """The store refused a new dataset row because its key (experiment, name, digest) exists:
+    SQLite names the key's columns, PostgreSQL the key."""
+    markers = ("UNIQUE constraint failed: datasets.", '"dataset_pk"')
+    return any(marker in str(error) for marker in markers)
 
 
 def trial_outcome(metrics: dict[str, float], planned_epochs: int) -> tuple[Outcome, str | None]:

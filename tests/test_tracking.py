@@ -1,0 +1,44 @@
+"""A run's record on a real `mlflow server` (SQLite behind it), as trials write it under load."""
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import mlflow
+import torch
+
+from guidance_tune.config import DataConfig
+from guidance_tune.data.splits import load_data
+from guidance_tune.tracking.inputs import dataset_inputs
+from guidance_tune.tracking.record import RunRecord, ensure_experiment
+
+TRIALS = 4
+ROUNDS = 5
+
+
+def log_inputs_at_once(records: list[RunRecord], inputs: list) -> None:
+    """Each run's ``log_inputs`` in its own thread, all released at once; raises what any raised."""
+    start_together = threading.Barrier(len(records))
+
+    def log(record: RunRecord) -> None:
+        start_together.wait()
+        record.log_inputs(inputs)
+
+    with ThreadPoolExecutor(len(records)) as pool:
+        list(pool.map(log, records))
+
+
+def test_trials_logging_the_same_new_dataset_at_once_all_record_it(mlflow_server):
+    config = DataConfig()
+    inputs = dataset_inputs(config, load_data(config, torch.device("cpu")), test=False)
+    client = mlflow.MlflowClient(mlflow_server)
+    for round_ in range(ROUNDS):  # each round a new experiment: its datasets don't exist yet
+        experiment_id = ensure_experiment(mlflow_server, f"same-dataset-{round_}")
+        records = [
+            RunRecord.start(mlflow_server, experiment_id, f"trial-{i}", {}) for i in range(TRIALS)
+        ]
+        log_inputs_at_once(records, inputs)
+        for record in records:
+            logged = client.get_run(record.run_id).inputs.dataset_inputs
+            contexts = {i.tags[0].value: i.dataset.digest for i in logged}
+            assert contexts == {i.tags[0].value: i.dataset.digest for i in inputs}
+            assert len(logged) == len(inputs)  # linked once each
