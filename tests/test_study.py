@@ -73,7 +73,7 @@ def test_a_four_trial_asha_study_records_one_parent_and_four_finished_children(
     ray_local, tmp_path, capsys
 ):
     path = tmp_path / "four.yaml"
-    study = study_dict("four-trials", tmp_path, system_metrics_seconds=0.2)
+    study = study_dict("four-trials", tmp_path, system_metrics_seconds=0.05)
     path.write_text(HEADER + yaml.safe_dump(study))
     assert main(["study", "launch", str(path)]) == 0
     out = capsys.readouterr().out

@@ -1,6 +1,7 @@
 """A run's record on a real `mlflow server` (SQLite behind it), as trials write it under load."""
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
@@ -42,3 +43,17 @@ def test_trials_logging_the_same_new_dataset_at_once_all_record_it(mlflow_server
             contexts = {i.tags[0].value: i.dataset.digest for i in logged}
             assert contexts == {i.tags[0].value: i.dataset.digest for i in inputs}
             assert len(logged) == len(inputs)  # linked once each
+
+
+def test_a_few_seconds_of_work_record_several_cpu_samples_the_first_a_real_one(mlflow_server):
+    record = RunRecord.start(mlflow_server, ensure_experiment(mlflow_server, "busy"), "busy", {})
+    weights = torch.randn(256, 256)
+    with record.system_metrics(0.5):
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:  # the CPU busy throughout, as in training
+            torch.mm(weights, weights)
+    client = mlflow.MlflowClient(mlflow_server)
+    history = client.get_metric_history(record.run_id, "system/cpu_utilization_percentage")
+    cpu = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(cpu) >= 3, cpu
+    assert cpu[0] > 0, cpu  # psutil with no earlier reading says 0.0, whatever the load

@@ -142,10 +142,10 @@ class StudySettings(StrictModel):
         "of the MLflow model named after the study (where the store has a model registry)",
     )
     system_metrics_seconds: float | None = Field(
-        default=10.0,
+        default=2.0,  # a 10 s trial gets 3 or 4 samples; MLflow's 10 s gave it one or none
         gt=0,
         description="sample each trial's CPU, memory and GPU use this often into its MLflow run "
-        "(system/... metrics); null: off",
+        "(system/... metrics, the first after one interval); null: off",
     )
 
     @field_validator("metric")

@@ -216,13 +216,24 @@ class RunRecord:
     @contextmanager
     def system_metrics(self, seconds: float | None) -> Iterator[None]:
         """MLflow's system metrics (``system/cpu_utilization_percentage``, GPU use where
-        there is one) sampled every ``seconds`` while the block runs; None: none."""
+        there is one) sampled every ``seconds`` while the block runs, each over the interval
+        before it (a block shorter than two intervals records none); None: none."""
         if seconds is None:
             yield
             return
+        import psutil
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(
+        class Monitor(SystemMetricsMonitor):  # defined here: mlflow is imported only when used
+            def monitor(self) -> None:
+                # psutil's CPU use is since its previous call in the same thread, and MLflow
+                # samples at once in a new thread: its first CPU sample covered no time and
+                # read 0. Start psutil's reference here and sample from one interval on.
+                psutil.cpu_percent()
+                self._shutdown_event.wait(self.sampling_interval)
+                super().monitor()
+
+        monitor = Monitor(
             self.run_id,
             sampling_interval=seconds,
             resume_logging=True,
