@@ -405,6 +405,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return set_fields(data, values)
 
 
+def with_changes(config: RunConfig, changes: dict[str, Any], source: str) -> RunConfig:
+    """The one recipe for "a run with some fields changed": ``changes`` (``section.field`` or
+    whole sections, typed values) set on ``config``, validated and named ``source`` in any
+    error, with its paths absolute. A trial's sampled params, an arm, a prepare step, a stage's
+    unit, a smoke run and a rerun are all made so."""
+    data = set_fields(config_to_dict(config), changes)
+    return resolve_paths(parse_run_config(data, source=source))
+
+
 def resolve_paths(config: RunConfig) -> RunConfig:
     """The same config with every file path absolute, relative to the working directory."""
     changes: dict[str, Any] = {}

@@ -7,7 +7,6 @@ queries all decide "is this value better" here, so they can never disagree.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Literal
 
 Mode = Literal["min", "max"]
@@ -34,12 +33,6 @@ _HIGHER_IS_BETTER = ("top1", "top5", "acc", "samples_per_second")
 # classification's top-1, a token task's token accuracy, a language model's perplexity.
 SCORES = ("top1", "acc", "ppl")
 ACCURACIES = ("top1", "top5", "acc")  # shares, shown in percent
-
-
-def score_in(reported: Iterable[str], prefix: str) -> str | None:
-    """``<prefix>/top1``, ``<prefix>/acc`` or ``<prefix>/ppl``, whichever ``reported`` holds."""
-    names = set(reported)
-    return next((f"{prefix}/{s}" for s in SCORES if f"{prefix}/{s}" in names), None)
 
 
 def direction(metric: str) -> Mode:

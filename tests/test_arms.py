@@ -14,6 +14,7 @@ from guidance_tune.study.arms import (
     seed_units,
 )
 from guidance_tune.study.config import parse_study_config
+from guidance_tune.study.context import ARM_OF_KIND
 from guidance_tune.tracking.results import TrialRow
 
 
@@ -75,7 +76,8 @@ def test_lr_runs_use_the_base_seed_and_seed_runs_fresh_seeds_at_the_chosen_lr():
 
 def search_row(name, kind, value):
     params = {"guidance.kind": kind}
-    return TrialRow(f"id-{name}-0000", name, "finished", value, params, {}, {})
+    tags = {"arm": ARM_OF_KIND[kind]}  # as the trial writes it
+    return TrialRow(f"id-{name}-0000", name, "finished", value, params, {}, tags)
 
 
 def test_confirm_takes_the_top_guided_configs_and_the_best_unguided_one():
@@ -89,7 +91,7 @@ def test_confirm_takes_the_top_guided_configs_and_the_best_unguided_one():
     sources = confirm_sources(rows, "max", top=2)
     assert {arm: row.name for arm, row in sources.items()} == {
         "guided-1": "g1",
-        "guided-2": "g2",
+        "distilled-2": "g2",  # a distillation config is confirmed as what it is
         "unguided": "u2",
     }
     stopped = RunConfig.model_validate({"train": {"stop_after_epochs": 2, "seed": 0}})

@@ -64,12 +64,14 @@ def test_curves_compare_the_best_guided_with_the_best_unguided_trial(reported):
     arms, curves = arms_and_curves(uri)
     assert {arm: row.name for arm, row in arms.items()} == {
         "guided": "overfits",
+        "distilled": "distilled",  # its own arm, as its run is tagged: never the best guided
         "unguided": "baseline",
     }
     axes = curves_figure(arms, curves, "best/loss").axes[0]
     labels = axes.get_legend_handles_labels()[1]
     assert labels == [
         "best guided: overfits (best/loss 0.3000)",
+        "best distilled: distilled (best/loss 0.5000)",
         "best unguided: baseline (best/loss 0.9000)",
     ]
     assert list(axes.lines[0].get_ydata()) == pytest.approx([0.9, 0.3, 0.8])

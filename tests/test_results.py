@@ -8,6 +8,7 @@ import yaml
 
 from guidance_tune.config import ConfigError, RunConfig, load_run_config
 from guidance_tune.outcome import Outcome
+from guidance_tune.study.context import ARM_OF_KIND
 from guidance_tune.tracking.record import RunRecord, ensure_experiment, load_run_config_from_mlflow
 from guidance_tune.tracking.results import (
     compare_runs,
@@ -51,6 +52,7 @@ def log_trial(uri: str, experiment_id: str, parent_id: str, name: str, spec) -> 
         "study": STUDY,
         "guidance_tune.role": "trial",
         "ray.trial_id": f"id-{name}",
+        "arm": ARM_OF_KIND[kind],
     }
     run = RunRecord.start(uri, experiment_id, name, tags, trial_config(kind, weight, lr))
     best = float("inf")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from guidance_tune.metrics import score_in
+from guidance_tune.tracking.record import SCORE_TAG
 from guidance_tune.tracking.store import sqlite_path
 from guidance_tune.tracking.view import runs_page
 
@@ -26,9 +26,9 @@ def ui_hint(tracking_uri: str, experiment_id: str, study: str) -> str:
 
 
 def _arm_line(row: TrialRow, metric: str) -> str:
-    score = score_in(row.metrics, "best")
+    score = row.tags.get(SCORE_TAG)
     shown = f"{metric} {row.value:.4f}"
-    if score is not None and metric != score:
+    if score in row.metrics and metric != score:
         shown += f", {score} {row.metrics[score]:.4f}"
     return f"{shown} ({row.name})"
 

@@ -278,7 +278,7 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _rerun(args: argparse.Namespace) -> int:
-    from guidance_tune.config import config_to_dict, parse_run_config, set_fields, user_code
+    from guidance_tune.config import user_code, with_changes
     from guidance_tune.outcome import Outcome
     from guidance_tune.tracking.record import RunRecord, load_run_config_from_mlflow, resolve_run_id
     from guidance_tune.tracking.recorded import train_recorded
@@ -300,7 +300,7 @@ def _rerun(args: argparse.Namespace) -> int:
     if config.train.threads is None and (threads := original.data.tags.get("torch.num_threads")):
         changes["train.threads"] = int(threads)  # a run logged before the config said it
     changes = {key: value for key, value in changes.items() if value is not None}
-    config = parse_run_config(set_fields(config_to_dict(config), changes), source="rerun")
+    config = with_changes(config, changes, source="rerun")
     for name in user_code(config):
         print(f"this config imports and runs user code: {name}", file=sys.stderr)
     run = build_run(config)

@@ -15,9 +15,8 @@ from guidance_tune.config import (
     ConfigError,
     RunConfig,
     config_to_dict,
-    parse_run_config,
-    resolve_paths,
     set_fields,
+    with_changes,
 )
 from guidance_tune.metrics import Mode, best_first
 from guidance_tune.study.config import StudyConfig
@@ -35,13 +34,10 @@ def fresh_seeds(base_seed: int, count: int) -> list[int]:
 
 def arm_configs(spec: StudyConfig) -> dict[str, RunConfig]:
     """Each arm's run: the base with its overrides, checked and with paths made absolute."""
-    base = config_to_dict(spec.base)
     configs = {}
     for arm in spec.study.arms.arms:
         try:
-            configs[arm.name] = resolve_paths(
-                parse_run_config(set_fields(base, arm.set), source=f"study.arms arm {arm.name!r}")
-            )
+            configs[arm.name] = with_changes(spec.base, arm.set, f"study.arms arm {arm.name!r}")
         except ConfigError as error:
             raise ConfigError(f"study.arms: {error}") from None
     return configs
@@ -108,11 +104,12 @@ def seed_units(
 
 
 def confirm_sources(rows: list[TrialRow], mode: Mode, top: int) -> dict[str, TrialRow]:
-    """Arm name -> search trial: the ``top`` best guided configs and the best unguided one."""
+    """Arm name -> search trial: the ``top`` best guided (or distilled) configs, named by their
+    ``arm`` tag and search rank (``guided-1``, ``distilled-2``), and the best unguided one."""
     ranked = rank_trials(rows, mode, top=None)
-    guided = [row for row in ranked if row.params.get("guidance.kind") != "none"]
-    unguided = [row for row in ranked if row.params.get("guidance.kind") == "none"]
-    sources = {f"guided-{rank}": row for rank, row in enumerate(guided[:top], start=1)}
+    guided = [row for row in ranked if row.tags[ARM_TAG] != UNGUIDED_ARM]
+    unguided = [row for row in ranked if row.tags[ARM_TAG] == UNGUIDED_ARM]
+    sources = {f"{row.tags[ARM_TAG]}-{rank}": row for rank, row in enumerate(guided[:top], start=1)}
     if unguided:
         sources[UNGUIDED_ARM] = unguided[0]
     return sources

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 
-from guidance_tune.config import ConfigError
-from guidance_tune.metrics import ACCURACIES, SCORES, is_better, score_in
+from guidance_tune.config import ConfigError, RunConfig
+from guidance_tune.data.tasks import task_of
+from guidance_tune.metrics import ACCURACIES, SCORES, is_better
 from guidance_tune.outcome import Outcome
 from guidance_tune.study.context import TrialTracking, trial_config
 from guidance_tune.tracking.record import (
@@ -36,12 +37,22 @@ RETRIES_RAN_OUT = (
 )
 
 
-def trial_epochs(tracking: TrialTracking, base: dict[str, Any], trial) -> int:
-    """The epochs a trial plans to train (a sampled or a unit's ``train.epochs`` included)."""
-    try:
-        return planned_epochs(trial_config(base, tracking.params(trial.config)))
-    except ConfigError:  # the trial fails on its own params; any count will do
-        return 0
+class PlannedEpochs:
+    """The epochs a trial plans to train (a sampled or a unit's ``train.epochs`` included), its
+    config parsed once per trial: results come every epoch."""
+
+    def __init__(self, tracking: TrialTracking, base: RunConfig) -> None:
+        self.tracking, self.base = tracking, base
+        self.known: dict[str, int] = {}
+
+    def __call__(self, trial) -> int:
+        if trial.trial_id not in self.known:
+            try:
+                config = trial_config(self.base, self.tracking.params(trial.config))
+                self.known[trial.trial_id] = planned_epochs(config)
+            except ConfigError:  # the trial fails on its own params; any count will do
+                self.known[trial.trial_id] = 0
+        return self.known[trial.trial_id]
 
 
 def short_number(value: Any) -> str:
@@ -49,12 +60,12 @@ def short_number(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def companion_metric(metric: str, reported: Iterable[str]) -> str:
+def companion_metric(metric: str, base: RunConfig) -> str:
     """Shown beside the study metric: the task's score beside a loss (top-1, a token accuracy
     or a perplexity), the loss beside a score."""
     if metric.rpartition("/")[2] in {*SCORES, *ACCURACIES}:
         return "val/loss"
-    return score_in(reported, "val") or "val/top1"
+    return "val/" + task_of(base.data.name).score
 
 
 class ConsoleProgress(Callback):
@@ -64,11 +75,12 @@ class ConsoleProgress(Callback):
     MLflow, and a trial ended early by the scheduler says "stopped", as its MLflow run does.
     """
 
-    def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
+    def __init__(self, tracking: TrialTracking, base: RunConfig) -> None:
         self.metric = tracking.metric
         self.mode = tracking.mode
         self.tracking = tracking
-        self.base = base
+        self.planned = PlannedEpochs(tracking, base)
+        self.companion = companion_metric(tracking.metric, base)
         self.best: tuple[float, str] | None = None
         self.last: dict[str, dict[str, float]] = {}
 
@@ -81,7 +93,7 @@ class ConsoleProgress(Callback):
         print(f"{self._running(trials)} {trial} {words}", flush=True)
 
     def _values(self, result: dict[str, Any]) -> str:
-        keys = (self.metric, companion_metric(self.metric, result))
+        keys = (self.metric, self.companion)
         return "  ".join(f"{key} {result[key]:.4f}" for key in keys if key in result)
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -98,7 +110,7 @@ class ConsoleProgress(Callback):
         self.last[trial.trial_id] = result
         if is_better(value, self.best[0] if self.best else None, self.mode):
             self.best = (value, str(trial))
-        planned = trial_epochs(self.tracking, self.base, trial)
+        planned = self.planned(trial)
         self._say(
             trials,
             trial,
@@ -108,7 +120,7 @@ class ConsoleProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = self.last.get(trial.trial_id, {})
-        epochs, planned = int(last.get("epoch", 0)), trial_epochs(self.tracking, self.base, trial)
+        epochs, planned = int(last.get("epoch", 0)), self.planned(trial)
         if last.get("diverged"):
             ending = f"diverged at epoch {epochs}"
         elif epochs < planned:
@@ -159,9 +171,9 @@ class TrialRecords(Callback):
     runs a dead driver left open. Runs of trials an interrupted study cut off stay open here
     (Tune marks those trials TERMINATED as it stops): the study marks them killed."""
 
-    def __init__(self, tracking: TrialTracking, base: dict[str, Any]) -> None:
+    def __init__(self, tracking: TrialTracking, base: RunConfig) -> None:
         self.tracking = tracking
-        self.base = base
+        self.planned = PlannedEpochs(tracking, base)
         self.settled = False
 
     def on_step_begin(self, iteration, trials, **info):
@@ -186,7 +198,7 @@ class TrialRecords(Callback):
             with best_weights(trial) as weights:
                 close_trial_run(
                     record,
-                    planned_epochs=trial_epochs(self.tracking, self.base, trial),
+                    planned_epochs=self.planned(trial),
                     best_weights=weights,
                     failure=failure,
                 )

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import ConfigError, RunConfig, config_to_dict, set_fields
+from guidance_tune.config import ConfigError, RunConfig, config_to_dict, set_fields, with_changes
 from guidance_tune.data.files import require_data_files
 from guidance_tune.study.config import StudyConfig, load_study_config
 from guidance_tune.study.context import trial_config
@@ -36,7 +36,7 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
 def smoke(spec: StudyConfig) -> StudyConfig:
     """The same study, tiny: 2 trials (2 seeds an arm) of 2 short epochs on the CPU."""
     short = {"train.epochs": 2, "train.max_steps_per_epoch": 3, "train.max_eval_batches": 2}
-    base = set_fields(config_to_dict(spec.base), short)
+    base = with_changes(spec.base, short, source="smoke test")
     tiny = {"num_trials": 2, "resources.cpus": 1, "resources.gpus": 0, "scheduler.grace_period": 1}
     if spec.study.arms is not None:
         tiny["arms.seeds"] = 2
@@ -87,7 +87,7 @@ def check_space(spec: StudyConfig) -> dict[str, Any]:
     except ConfigError as error:
         raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
     for params in (baseline, {**trial.params, **constants}):
-        check_run(trial_config(base, params))
+        check_run(trial_config(spec.base, params))
     return baseline
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from guidance_tune.config import ConfigError, RunConfig, parse_run_config, set_fields
+from guidance_tune.config import ConfigError, RunConfig, with_changes
 from guidance_tune.tracking.record import (
     PARENT_TAG,
     ROLE_TAG,
@@ -72,9 +72,9 @@ class TrialTracking:
         return tags
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any]) -> RunConfig:
-    """The base run with each sampled ``section.field`` value set."""
-    return parse_run_config(set_fields(base, params), source="trial parameters")
+def trial_config(base: RunConfig, params: dict[str, Any]) -> RunConfig:
+    """The base run with each sampled ``section.field`` value set (or a unit's changes)."""
+    return with_changes(base, params, source="trial parameters")
 
 
 ARM_OF_KIND = {"alignment": "guided", "distillation": "distilled", "none": "unguided"}
@@ -94,7 +94,7 @@ class TrialNamer:
     console, Tune's folders and MLflow all call a trial the same thing."""
 
     tracking: TrialTracking
-    base: dict[str, Any]
+    base: RunConfig
 
     def __call__(self, trial) -> str:
         if (unit := self.tracking.unit(trial.config)) is not None:

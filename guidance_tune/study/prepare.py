@@ -20,9 +20,7 @@ from guidance_tune.config import (
     ConfigError,
     RunConfig,
     config_to_dict,
-    parse_run_config,
-    resolve_paths,
-    set_fields,
+    with_changes,
 )
 from guidance_tune.outcome import Outcome
 from guidance_tune.study.config import PrepareStep, StudyConfig
@@ -36,8 +34,7 @@ PREPARE_STAGE = "prepare"
 
 def step_config(spec: StudyConfig, step: PrepareStep) -> RunConfig:
     try:
-        data = set_fields(config_to_dict(spec.base), step.set)
-        return resolve_paths(parse_run_config(data, source=f"study.prepare step {step.name!r}"))
+        return with_changes(spec.base, step.set, f"study.prepare step {step.name!r}")
     except ConfigError as error:
         raise ConfigError(f"study.prepare: {error}") from None
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from guidance_tune.metrics import Mode
+from guidance_tune.tracking.record import ARM_TAG
 from guidance_tune.tracking.results import (
     Curve,
     TrialRow,
@@ -30,7 +31,6 @@ CURVES_ARTIFACT = "report/val_curves.png"
 CSV_ARTIFACT = "report/trials.csv"
 MARKDOWN_ARTIFACT = "report/trials.md"
 CURVE_METRIC = "val/loss"
-GUIDED_KINDS = ("alignment", "distillation")
 
 
 def study_report(
@@ -49,12 +49,11 @@ def study_report(
 
 
 def best_arms(ranked: list[TrialRow]) -> dict[str, TrialRow]:
-    """The best guided and the best unguided trial, where the study has one."""
+    """The best trial of each arm, as its run's ``arm`` tag says (guided, distilled or
+    unguided): a distillation trial is never the best guided one."""
     arms: dict[str, TrialRow] = {}
     for row in ranked:
-        kind = row.params.get("guidance.kind")
-        arm = "guided" if kind in GUIDED_KINDS else "unguided" if kind == "none" else None
-        if arm is not None:
+        if (arm := row.tags.get(ARM_TAG)) is not None:
             arms.setdefault(arm, row)
     return arms
 
@@ -73,7 +72,7 @@ def curves_figure(arms: dict[str, TrialRow], curves: dict[str, Curve], metric: s
 
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.add_subplot()
-    for arm in ("guided", "unguided"):
+    for arm in ("guided", "distilled", "unguided"):
         if (row := arms.get(arm)) is not None:
             epochs, values = curves[row.run_id]
             label = f"best {arm}: {row.name} ({metric} {row.value:.4f})"

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from guidance_tune.config import RunConfig
 from guidance_tune.study.context import TrialTracking, arm_of, trial_config
 from guidance_tune.study.quiet import quiet_trial_process
 from guidance_tune.tracking.inputs import dataset_inputs
@@ -55,7 +56,7 @@ def _restored_checkpoint() -> Checkpoint | None:
         return load_checkpoint(Path(directory))
 
 
-def run_trial(params: dict[str, Any], *, base: dict[str, Any], tracking: TrialTracking) -> None:
+def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTracking) -> None:
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     quiet_trial_process()

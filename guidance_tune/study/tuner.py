@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from guidance_tune.config import ConfigError, config_to_dict
+from guidance_tune.config import ConfigError
 from guidance_tune.study.callbacks import ConsoleProgress, TrialRecords, keep_best_checkpoint
 from guidance_tune.study.config import StudyConfig
 from guidance_tune.study.context import TrialNamer, TrialTracking
@@ -28,7 +28,7 @@ def trainable(spec: StudyConfig, tracking: TrialTracking):
     from ray import tune
 
     resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
-    bound = tune.with_parameters(run_trial, base=config_to_dict(spec.base), tracking=tracking)
+    bound = tune.with_parameters(run_trial, base=spec.base, tracking=tracking)
     return tune.with_resources(bound, resources)
 
 
@@ -46,8 +46,7 @@ def build_tuner(
     ``tracking`` says (a search's sampled params, or a stage's units by key)."""
     from ray import tune
 
-    settings = spec.study
-    base = config_to_dict(spec.base)
+    settings, base = spec.study, spec.base
     return tune.Tuner(
         trainable(spec, tracking),
         param_space=param_space,

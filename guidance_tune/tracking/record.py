@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from guidance_tune.config import ConfigError, RunConfig, config_to_dict, parse_run_config
+from guidance_tune.data.tasks import task_of
 from guidance_tune.outcome import Outcome
 from guidance_tune.tracking.params import acting_params
 from guidance_tune.tracking.store import prepare_store
@@ -41,6 +42,7 @@ STATUS_TAG = "status"
 ERROR_TAG = "error"
 RERUN_OF_TAG = "rerun_of"
 STAGE_TAG = "stage"  # search, confirm, arms.lr or arms
+SCORE_TAG = "score"  # the run's task score: best/top1, best/acc or best/ppl
 UNIT_TAG = "unit"  # a stage run's identity in its study (arm and seed)
 ARM_TAG = "arm"
 CONFIRMS_TAG = "confirms"  # the search trial's run id a confirm run repeats
@@ -187,6 +189,8 @@ class RunRecord:
 
         # CPU results depend on the thread count; a rerun uses the same one to match exactly
         tags = {"seed": str(config.train.seed), "torch.num_threads": str(torch.get_num_threads())}
+        # the task's score, as tables and views show it beside the loss (a reader never guesses)
+        tags[SCORE_TAG] = "best/" + task_of(config.data.name).score
         self.set_tags(tags)
 
     def log_inputs(self, inputs: list) -> None:

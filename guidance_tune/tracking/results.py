@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from guidance_tune.config import ConfigError, config_to_dict
-from guidance_tune.metrics import Mode, best_first, score_in
+from guidance_tune.metrics import Mode, best_first
 from guidance_tune.tracking.record import (
     PARENT_TAG,
     ROLE_TAG,
+    SCORE_TAG,
     STAGE_TAG,
     STATUS_TAG,
     STUDY_TAG,
@@ -165,10 +166,6 @@ def format_value(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
-# The score beside the ranking metric in ``study best``: a loss alone does not say how good.
-SCORE_COLUMN = "best/top1"
-
-
 def param_cell(row: TrialRow, key: str) -> str:
     """A param as the table shows it: blank where it does nothing (a guidance setting of an
     unguided trial), numbers to 4 significant digits (MLflow keeps the full value)."""
@@ -187,11 +184,11 @@ def short_param(value: str) -> str:
 
 
 def shown_metrics(metric: str, rows: Sequence[TrialRow] = ()) -> list[str]:
-    """The ranking metric, then the score the rows report (top-1 unless they report a token
-    accuracy or a perplexity) where that is not the ranking metric already."""
-    reported = {key for row in rows for key in row.metrics}
-    score = score_in(reported, "best") or SCORE_COLUMN
-    return [metric] + ([score] if metric != score else [])
+    """The ranking metric, then the score the rows' runs say their task has (``score`` tag:
+    top-1, a token accuracy or a perplexity; a loss alone does not say how good), where that is
+    not the ranking metric already."""
+    score = next((row.tags[SCORE_TAG] for row in rows if SCORE_TAG in row.tags), None)
+    return [metric] + ([score] if score is not None and metric != score else [])
 
 
 def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
