@@ -1,7 +1,13 @@
 """Studies end to end on a real local Ray and a real SQLite MLflow store."""
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -17,9 +23,11 @@ from guidance_tune.tracking.record import BEST_WEIGHTS_ARTIFACT, load_run_config
 from guidance_tune.tracking.results import find_study, metric_curve
 from guidance_tune.training.loop import build_run, evaluate
 
+from .processes import free_port
 from .test_data import _write_fashion_mnist
 
 pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
 STEPS = 3  # training steps per epoch in these studies
 
 
@@ -406,6 +414,50 @@ def test_files_missing_on_a_local_ray_are_refused_and_study_check_warns(
     assert main(["study", "launch", str(path)]) == 2
     assert named.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _launch_joining(tmp_path, address, how):
+    """`study launch` as a user runs it, told to join ``address`` by flag or by $RAY_ADDRESS;
+    the finished process and its seconds."""
+    path = tmp_path / "join.yaml"
+    path.write_text(yaml.safe_dump(study_dict("join", tmp_path)))
+    flag = ["--address", address] if how == "--address" else []
+    env = {**os.environ, "RAY_ADDRESS": address if how == "RAY_ADDRESS" else ""}
+    started = time.monotonic()
+    launched = subprocess.run(
+        [str(BIN / "guidance-tune"), "study", "launch", str(path), *flag],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    return launched, time.monotonic() - started
+
+
+@pytest.mark.parametrize("how", ["--address", "RAY_ADDRESS"])
+def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(tmp_path, how):
+    address = f"127.0.0.1:{free_port()}"
+    launched, seconds = _launch_joining(tmp_path, address, how)
+    assert launched.returncode == 2, launched.stderr[-3000:]
+    (line,) = launched.stderr.splitlines()  # not Ray's retries, not a traceback
+    assert address in line and "ray start --head" in line
+    assert ("drop --address" if how == "--address" else "unset RAY_ADDRESS") in line
+    assert seconds < 10
+    assert not launched.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_ray_address_that_answers_but_not_as_ray_is_refused_after_one_attempt(tmp_path):
+    with socket.socket() as listener:  # accepts connections, never speaks Ray's protocol
+        listener.bind(("", 0))  # every interface: Ray dials this node's address for loopback
+        listener.listen()
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        launched, seconds = _launch_joining(tmp_path, address, "--address")
+    assert launched.returncode == 2, launched.stderr[-3000:]
+    assert address in launched.stderr.splitlines()[-1]
+    assert "Traceback" not in launched.stderr
+    assert seconds < 90  # one ~40 s attempt where Ray alone makes 20
 
 
 def test_malformed_study_yaml_is_refused(tmp_path, capsys):

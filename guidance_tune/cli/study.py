@@ -231,7 +231,7 @@ def _confirm(args: argparse.Namespace) -> int:
     from guidance_tune.config import ConfigError
     from guidance_tune.study.checks import check_files, check_resources
     from guidance_tune.study.config import ConfirmSettings
-    from guidance_tune.study.launch import confirm, connect
+    from guidance_tune.study.launch import confirm, connect, ray_address
 
     try:  # the bounds of a study file's confirm: section, one rule for both
         settings = ConfirmSettings(top=args.top, seeds=args.seeds)
@@ -244,7 +244,7 @@ def _confirm(args: argparse.Namespace) -> int:
             f"study {args.name!r} is an arms study: its seeds are on test already "
             f"(guidance-tune study table {args.name})"
         )
-    connect(args.address)
+    connect(ray_address(args.address))
     check_resources(spec)
     check_files(spec)
     table = confirm(spec, tracking, parent, settings.top, settings.seeds)

@@ -6,16 +6,19 @@ steps first, and both put every run under one MLflow parent; the seed stages liv
 :mod:`guidance_tune.study.stages`.
 
 The order matters: everything that can be refused (the study file, the search space or arms,
-the tracking store, the storage path, GPUs the cluster lacks) is checked before the MLflow parent
-run exists, and all but the cluster before Ray starts, so bad input writes nothing.
+the Ray address, the tracking store, the storage path, GPUs the cluster lacks) is checked before
+the MLflow parent run exists, and all but the cluster's resources before Ray starts, so bad input
+writes nothing.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from guidance_tune.config import ConfigError, config_to_dict, require_writable
 from guidance_tune.data.tasks import task_of
@@ -91,22 +94,89 @@ def _scheduler(spec: StudyConfig):
     )
 
 
-def connect(address: str | None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start a new local Ray. Idempotent.
+JOIN_PROBE_SECONDS = 3.0  # a cluster's GCS port accepts at once; silence means nothing is there
+JOIN_ATTEMPTS = "RAY_gcs_server_port_wait_time_s"  # Ray's tries at a GCS, ~40 s each
 
-    "local" rather than Ray's default: a cluster some other job left running on this machine
+
+def ray_address(address: str | None) -> str:
+    """The Ray a study runs on: ``address`` (--address), else $RAY_ADDRESS, else "local", a new
+    local Ray rather than Ray's default: a cluster some other job left running on this machine
     is not silently joined.
+
+    One to join is refused in seconds when nothing listens there: Ray itself retries for 14
+    minutes, with a warning every few seconds and Ctrl-C taking half a minute to act.
     """
+    if address:
+        given, instead = f"--address {address}", "drop --address"
+    elif address := os.environ.get("RAY_ADDRESS"):
+        given, instead = f"$RAY_ADDRESS={address}", "unset RAY_ADDRESS"
+    else:
+        return "local"
+    if address == "local":
+        return address
+    try:
+        host, port = _gcs_endpoint(address)
+        socket.create_connection((host, port), timeout=JOIN_PROBE_SECONDS).close()
+    except (OSError, ValueError) as error:  # nothing there, "auto" found none, or not host:port
+        reason = getattr(error, "strerror", None) or str(error)
+        raise ConfigError(
+            f"{given}: no Ray cluster to join ({reason}); start one with `ray start --head`, "
+            f"or {instead} to run the study on a new local Ray"
+        ) from None
+    return address
+
+
+def _gcs_endpoint(address: str) -> tuple[str, int]:
+    """Where ray.init will connect for ``address``: a Ray Client server for ray://, else the
+    GCS, found the way Ray finds it ("auto" asks Ray's discovery; loopback names this node)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    if address.startswith("ray://"):
+        client = urlsplit(address)
+        if client.port is None:
+            raise ValueError("a ray:// address needs the Ray Client port, e.g. ray://head:10001")
+        return client.hostname or "", client.port
+    host, _, port = canonicalize_bootstrap_address(address).rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def connect(address: str) -> None:
+    """Join ``address`` (from :func:`ray_address`), or start a new local Ray for "local".
+    Idempotent."""
     import logging
 
     import ray
 
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        # Ray's start-up notices are not the study's; Tune's warnings (trials that can't be
-        # placed) still are
-        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR)
-        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    # Ray's start-up notices are not the study's; Tune's warnings (trials that can't be
+    # placed) still are
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR}
+    if address == "local":
+        ray.init(address=address, **quiet)
+    else:
+        _join(address, quiet)
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def _join(address: str, options: dict[str, Any]) -> None:
+    """ray.init on a cluster that listens at ``address``, refused when it does not answer as
+    Ray: one attempt rather than Ray's 20 (set for the join alone: the same variable bounds a
+    local Ray's start-up, and an operator's own value stands)."""
+    import ray
+
+    ours = JOIN_ATTEMPTS not in os.environ
+    os.environ.setdefault(JOIN_ATTEMPTS, "1")
+    try:
+        ray.init(address=address, **options)
+    except ConnectionError as error:
+        raise ConfigError(
+            f"Ray address {address}: {error}; something answers there but not as a Ray cluster "
+            "(`ray start --head` prints the address to join)"
+        ) from None
+    finally:
+        if ours:
+            del os.environ[JOIN_ATTEMPTS]
 
 
 def _parent_run(
@@ -178,6 +248,7 @@ def launch(
 
     # tiny epochs snapshot often; Tune's warning about it says nothing a user can act on
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    address = ray_address(address)
     baseline = check_study(spec)
     uri = resolve_tracking_uri(tracking_uri or spec.study.tracking_uri)
     check_store(uri, create=True)
