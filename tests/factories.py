@@ -5,6 +5,8 @@ the package. ``scripted_fcn`` acts at its k-th training forward call *in one pro
 starts counting again): crash once, or announce itself and hold until released, so a test can
 interrupt a study at a known point of a trial's life. Files go to ``marker_dir``, named after
 the working directory, which Ray Tune makes per trial (``working_dirs/<trial name>``).
+``slow_to_free_fcn`` holds memory that takes a while to give back, as a big model's tensors do
+on a busy machine.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from guidance_tune.models.fcn import deep_fcn
@@ -67,4 +71,29 @@ def scripted_fcn(
         return None
 
     model.register_forward_pre_hook(act)
+    return model
+
+
+class _SlowToFree(bytearray):
+    """Bytes whose release takes ``seconds``, waking every millisecond, as a thread freeing
+    many tensors takes the interpreter's lock again and again."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(8)
+        self.seconds = seconds
+
+    def __del__(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.001)
+
+
+def slow_to_free_fcn(
+    in_channels: int, image_size: int, num_classes: int, *, seconds: float, **kwargs
+) -> nn.Module:
+    """A deep FCN holding a tensor that takes ``seconds`` to free (inside torch, as the
+    tensor's memory goes back): whoever drops the model waits that long."""
+    model = deep_fcn(in_channels, image_size, num_classes, **kwargs)
+    # a plain attribute, not a parameter or buffer: checkpoints never see it
+    model.slow_to_free = torch.from_numpy(np.frombuffer(_SlowToFree(seconds), dtype=np.uint8))
     return model

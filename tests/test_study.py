@@ -460,6 +460,29 @@ def test_a_ray_address_that_answers_but_not_as_ray_is_refused_after_one_attempt(
     assert seconds < 90  # one ~40 s attempt where Ray alone makes 20
 
 
+def test_trial_processes_end_without_a_native_crash_on_the_console(tmp_path):
+    # Tune stops a trial (ASHA, max_t) without waiting for its thread, then Ray kills the
+    # process: a thread still freeing tensors when the interpreter shut down aborted in torch
+    spec = study_dict("teardown", tmp_path, num_trials=2, max_concurrent_trials=2)
+    kwargs = {"depth": 4, "first_width": 32, "width": 32, "seconds": 2.0}
+    spec["target"] = {"name": "tests.factories:slow_to_free_fcn", "kwargs": kwargs}
+    path = tmp_path / "teardown.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    launched = subprocess.run(
+        [str(BIN / "guidance-tune"), "study", "launch", str(path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+        timeout=600,
+        cwd=tmp_path,
+    )
+    console = launched.stdout + launched.stderr
+    assert launched.returncode == 0, console[-3000:]
+    assert "2 trials, 0 failed" in console
+    for noise in ("Fatal Python error", "SIGABRT", "Stack trace", "Traceback"):
+        assert noise not in console, console[-3000:]
+
+
 def test_malformed_study_yaml_is_refused(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("study: {space: guidance\n")

@@ -10,12 +10,20 @@ end the trial inside ``tune.report`` (``SystemExit`` from ASHA or max_t), and no
 call is sure to run. So the trial never closes its run; the driver does, once Tune is done with
 the trial (:mod:`guidance_tune.study.callbacks`), with the best epoch's weights from the
 checkpoints Tune kept.
+
+Tune stops a trial without waiting for the thread that runs it (its stop asks the thread to end
+and returns), and Ray then kills the trial's process: SIGTERM, then SIGKILL 200 ms later. An
+interpreter that shuts down while that thread still unwinds (freeing the model's tensors) kills
+the thread inside torch, which aborts the process with a native stack on the study's console. So
+at exit the process waits for the thread; a SIGKILL meanwhile ends it without a word.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,8 +64,12 @@ def _restored_checkpoint() -> Checkpoint | None:
         return load_checkpoint(Path(directory))
 
 
+TEARDOWN_SECONDS = 5.0  # at most, for a trial's thread to unwind once its process is told to exit
+
+
 def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTracking) -> None:
     """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
+    atexit.register(threading.current_thread().join, TEARDOWN_SECONDS)  # see the module's notes
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     quiet_trial_process()
     config = trial_config(base, tracking.params(params))
