@@ -46,11 +46,20 @@ def two_node_cluster(tmp_path_factory, env):
     # (a shared one lets a node's clean-up of a job's working dir pull it from under the other)
     head_temp, worker_temp = tempfile.mkdtemp(prefix="gt-ray-"), tempfile.mkdtemp(prefix="gt-ray-")
     common = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
+
+    def own_ports() -> list[str]:
+        """A node's agent, metrics and client ports, free ones instead of Ray's fixed defaults:
+        a second copy of the suite on this machine (its own cluster) must not take them."""
+        names = ("dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export")
+        names += ("runtime-env-agent", "ray-client-server")
+        return [item for name in names for item in (f"--{name}-port", str(free_port()))]
+
     dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
     head = start(
         [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", head_temp]
         + dashboard
-        + common,
+        + common
+        + own_ports(),
         logs / "head.log",
         env,
     )
@@ -59,7 +68,9 @@ def two_node_cluster(tmp_path_factory, env):
     try:
         wait_until(lambda: "Ray runtime started" in (logs / "head.log").read_text(), 90, "head")
         worker = start(
-            [str(BIN / "ray"), "start", "--address", address, "--temp-dir", worker_temp, *common],
+            [str(BIN / "ray"), "start", "--address", address, "--temp-dir", worker_temp]
+            + common
+            + own_ports(),
             logs / "worker.log",
             env,
         )

@@ -246,6 +246,27 @@ def assert_the_winner_is_a_registered_model(uri, run_id, study, scratch):
             assert "normalises them inside with mean (" in version.description
 
 
+def test_two_trials_on_one_reused_worker_each_train_as_in_a_fresh_process(ray_local, tmp_path):
+    """Tune runs the second trial in the first one's process (one PID), with the dataset it
+    read; each trial's curve is the one a fresh process trains (``rerun`` in a subprocess)."""
+    spec = study_dict(
+        "reused", tmp_path, num_trials=2, scheduler={"kind": "fifo"}, register_model=False
+    )
+    result = launch(parse_study_config(spec))
+    uri = result.tracking_uri
+    _, children = find_study(uri, "reused")
+    assert sorted(child.data.tags["arm"] for child in children) == ["guided", "unguided"]
+    assert len({child.data.tags["process.pid"] for child in children}) == 1
+    client = mlflow.MlflowClient(uri)
+    rerun = [str(Path(sys.executable).parent / "guidance-tune"), "rerun", "--tracking-uri", uri]
+    for child in children:
+        run_id = child.info.run_id
+        subprocess.run([*rerun, run_id, "--quiet"], check=True, capture_output=True)
+        (fresh,) = client.search_runs([child.info.experiment_id], f"tags.rerun_of = '{run_id}'")
+        for metric in ("val/loss", "train/loss"):
+            assert metric_curve(uri, fresh.info.run_id, metric) == metric_curve(uri, run_id, metric)
+
+
 def test_a_crashed_trial_resumes_from_its_checkpoint_into_the_same_mlflow_run(ray_local, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()

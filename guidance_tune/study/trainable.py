@@ -16,12 +16,20 @@ and returns), and Ray then kills the trial's process: SIGTERM, then SIGKILL 200 
 interpreter that shuts down while that thread still unwinds (freeing the model's tensors) kills
 the thread inside torch, which aborts the process with a native stack on the study's console. So
 at exit the process waits for the thread; a SIGKILL meanwhile ends it without a word.
+
+Tune reuses a trial's process for the next trial (``reuse_actors``): imports, the worker's
+start and its MLflow client are paid once per worker, not per trial, and the dataset is read once
+per worker for trials of the same data config (it is never written to). Everything a trial
+changes is built anew per trial (models, optimiser, hooks, the RNGs seeded by ``build_run``,
+torch's threads from ``train.threads``), so a trial on a reused worker trains as on a fresh one.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
 import tempfile
 import threading
 from collections.abc import Callable
@@ -31,13 +39,14 @@ from typing import Any
 import ray
 from ray import tune
 
-from guidance_tune.config import RunConfig
+from guidance_tune.config import RunConfig, config_to_dict
+from guidance_tune.data.splits import DataSplits, load_data
 from guidance_tune.study.context import TrialTracking, arm_of, trial_config
 from guidance_tune.study.quiet import quiet_trial_process
 from guidance_tune.tracking.inputs import dataset_inputs
-from guidance_tune.tracking.record import ARM_TAG, RunRecord
+from guidance_tune.tracking.record import ARM_TAG, PID_TAG, RunRecord
 from guidance_tune.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from guidance_tune.training.loop import Reporter, build_run, fit
+from guidance_tune.training.loop import Reporter, build_run, fit, resolve_device
 
 
 class TuneReporter(Reporter):
@@ -65,6 +74,16 @@ def _restored_checkpoint() -> Checkpoint | None:
 
 
 TEARDOWN_SECONDS = 5.0  # at most, for a trial's thread to unwind once its process is told to exit
+_LOADED: dict[str, DataSplits] = {}  # this worker's last dataset, by its data config and device
+
+
+def _data_of(config: RunConfig) -> DataSplits:
+    """The run's data, read once per worker while its trials share a data config; one kept."""
+    key = json.dumps([config_to_dict(config.data), config.train.device], sort_keys=True)
+    if key not in _LOADED:
+        _LOADED.clear()  # before loading: never two datasets in memory
+        _LOADED[key] = load_data(config.data, resolve_device(config.train.device))
+    return _LOADED[key]
 
 
 def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTracking) -> None:
@@ -82,9 +101,10 @@ def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTrackin
         config,
         tracking.command,
     )
-    record.set_tags({"ray.node_id": ray.get_runtime_context().get_node_id()})
+    node = ray.get_runtime_context().get_node_id()
+    record.set_tags({"ray.node_id": node, PID_TAG: str(os.getpid())})  # a reused worker's twice
     try:
-        run = build_run(config, _restored_checkpoint())
+        run = build_run(config, _restored_checkpoint(), data=_data_of(config))
         record.log_inputs(dataset_inputs(config.data, run.data, test=config.train.evaluate_test))
         with record.system_metrics(tracking.system_metrics_seconds):
             fit(run, TuneReporter(record, tracking))

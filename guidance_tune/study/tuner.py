@@ -58,6 +58,7 @@ def build_tuner(
             num_samples=num_samples,
             max_concurrent_trials=settings.max_concurrent_trials,
             trial_name_creator=TrialNamer(tracking, base),
+            reuse_actors=True,  # a trial starts in the previous one's process (:mod:`.trainable`)
         ),
         run_config=tune.RunConfig(
             name=name,

@@ -42,6 +42,7 @@ STATUS_TAG = "status"
 ERROR_TAG = "error"
 RERUN_OF_TAG = "rerun_of"
 STAGE_TAG = "stage"  # search, confirm, arms.lr or arms
+PID_TAG = "process.pid"  # the trial process: one PID across trials is a reused worker
 SCORE_TAG = "score"  # the run's task score: best/top1, best/acc or best/ppl
 UNIT_TAG = "unit"  # a stage run's identity in its study (arm and seed)
 ARM_TAG = "arm"

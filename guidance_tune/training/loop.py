@@ -114,15 +114,18 @@ def build_optimizer(config: RunConfig, params) -> tuple[torch.optim.Optimizer, A
     return optimizer, schedulers[o.schedule]()
 
 
-def build_run(config: RunConfig, checkpoint: Checkpoint | None = None) -> Run:
+def build_run(
+    config: RunConfig, checkpoint: Checkpoint | None = None, data: DataSplits | None = None
+) -> Run:
     """Everything a run needs, restored from ``checkpoint`` if given, or a ConfigError naming
-    the field (or the checkpoint that does not fit), before anything is logged."""
+    the field (or the checkpoint that does not fit), before anything is logged. ``data``: the
+    splits of ``config.data`` already loaded (a reused trial worker's), else they are read."""
     check_run(config)
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
     device = resolve_device(config.train.device)
     seed_everything(config.train.seed)
-    data = load_data(config.data, device)
+    data = data if data is not None else load_data(config.data, device)
     check_select_metric(config, data.num_classes)
     if data.train.num_batches(config.train.batch_size, drop_last=True) == 0:
         raise ConfigError(
