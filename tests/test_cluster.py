@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -167,15 +168,20 @@ def test_a_study_on_a_two_node_cluster_logs_to_an_mlflow_server_on_postgresql(
 
 def test_ray_job_submit_runs_a_study_on_the_cluster(tmp_path, env, mlflow_server, two_node_cluster):
     write_study(tmp_path, "submitted", mlflow_server, register_model=False)  # tested above
-    submitted = subprocess.run(
-        ["ray", "job", "submit", "--address", two_node_cluster[1], "--working-dir", "."]
-        + ["--", "guidance-tune", "study", "launch", "submitted.yaml"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=tmp_path,
-    )
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent can come up after its API: Ray says to try again
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", two_node_cluster[1], "--working-dir", "."]
+            + ["--", "guidance-tune", "study", "launch", "submitted.yaml"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        if "No available agent" not in submitted.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert_both_nodes_logged_the_study(mlflow_server, "submitted")
     assert "best guided best/loss" in submitted.stdout  # the job's output reaches the submitter
