@@ -469,16 +469,16 @@ def test_a_ray_address_where_nothing_listens_is_refused_in_seconds(tmp_path, how
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_ray_address_that_answers_but_not_as_ray_is_refused_after_one_attempt(tmp_path):
+def test_a_ray_address_that_answers_but_not_as_ray_is_refused_in_seconds(tmp_path):
     with socket.socket() as listener:  # accepts connections, never speaks Ray's protocol
         listener.bind(("", 0))  # every interface: Ray dials this node's address for loopback
         listener.listen()
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         launched, seconds = _launch_joining(tmp_path, address, "--address")
     assert launched.returncode == 2, launched.stderr[-3000:]
-    assert address in launched.stderr.splitlines()[-1]
-    assert "Traceback" not in launched.stderr
-    assert seconds < 90  # one ~40 s attempt where Ray alone makes 20
+    (line,) = launched.stderr.strip().splitlines()
+    assert address in line and "answers, but not as a Ray cluster" in line
+    assert seconds < 10  # where Ray alone tries for about 40 s
 
 
 def test_trial_processes_end_without_a_native_crash_on_the_console(tmp_path):

@@ -121,6 +121,12 @@ class StudySettings(StrictModel):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
     max_failures: int = Field(default=1, ge=-1, description="retries per trial; -1: unlimited")
+    reuse_actors: bool = Field(
+        default=True,
+        description="start a trial in the process of the one before it (Tune's reuse_actors: "
+        "imports and data paid once per worker); false: a fresh process per trial, for user "
+        "models that keep state in globals",
+    )
     seed: int = Field(default=0, description="seed of the sampler")
     tracking_uri: str | None = Field(
         default=None, description="MLflow URI; None: $MLFLOW_TRACKING_URI or ./mlflow.db"

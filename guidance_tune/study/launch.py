@@ -116,14 +116,35 @@ def ray_address(address: str | None) -> str:
         return address
     try:
         host, port = _gcs_endpoint(address)
-        socket.create_connection((host, port), timeout=JOIN_PROBE_SECONDS).close()
+        speaks = _speaks_grpc(host, port)
     except (OSError, ValueError) as error:  # nothing there, "auto" found none, or not host:port
         reason = getattr(error, "strerror", None) or str(error)
         raise ConfigError(
             f"{given}: no Ray cluster to join ({reason}); start one with `ray start --head`, "
             f"or {instead} to run the study on a new local Ray"
         ) from None
+    if not speaks:
+        raise ConfigError(
+            f"{given}: {host}:{port} answers, but not as a Ray cluster (no gRPC there); give "
+            f"the head's GCS address (`ray start --head` prints it), or {instead}"
+        )
     return address
+
+
+# An HTTP/2 client's first bytes: its preface and an empty SETTINGS frame
+HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _speaks_grpc(host: str, port: int) -> bool:
+    """Whether ``host:port`` answers as a gRPC server does (Ray's GCS and its client server
+    are): its first frame is SETTINGS. Ray, joining anything else, tries for about 40 s."""
+    with socket.create_connection((host, port), timeout=JOIN_PROBE_SECONDS) as connection:
+        connection.sendall(HTTP2_HELLO)
+        try:
+            frame = connection.recv(9)
+        except TimeoutError:
+            return False
+    return len(frame) == 9 and frame[3] == 4  # the frame header's type byte
 
 
 def _gcs_endpoint(address: str) -> tuple[str, int]:

@@ -58,7 +58,7 @@ def build_tuner(
             num_samples=num_samples,
             max_concurrent_trials=settings.max_concurrent_trials,
             trial_name_creator=TrialNamer(tracking, base),
-            reuse_actors=True,  # a trial starts in the previous one's process (:mod:`.trainable`)
+            reuse_actors=settings.reuse_actors,  # a trial in the last one's process (.trainable)
         ),
         run_config=tune.RunConfig(
             name=name,
