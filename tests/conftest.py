@@ -40,3 +40,17 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     with serve_mlflow(root, f"sqlite:///{root}/server.db") as url:
         yield url
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests need a GPU: where torch sees none they are skipped, saying why."""
+    needing = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not needing:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = f"needs a CUDA GPU, and torch {torch.__version__} sees none here"
+    for item in needing:
+        item.add_marker(pytest.mark.skip(reason=reason))

@@ -47,8 +47,8 @@ def scripted_fcn(
 ) -> nn.Module:
     """A deep FCN that, at its ``crash_at``-th training forward, raises once per trial (a
     ``crashed-<trial>`` file remembers it); at its ``hold_at``-th (if ``marker_dir/hold_if``
-    exists, where given) writes ``held-<trial>`` and waits until ``marker_dir/release`` exists;
-    from its ``nan_from``-th on outputs NaN."""
+    exists, where given) writes ``held-<trial>`` (holding the device type of its batch) and
+    waits until ``marker_dir/release`` exists; from its ``nan_from``-th on outputs NaN."""
     model = deep_fcn(in_channels, image_size, num_classes, **kwargs)
     markers = Path(marker_dir)
     calls = 0
@@ -63,7 +63,7 @@ def scripted_fcn(
             (markers / f"crashed-{trial}").touch()
             raise RuntimeError(f"injected crash at training call {calls}")
         if calls == hold_at and (hold_if is None or (markers / hold_if).exists()):
-            (markers / f"held-{trial}").touch()
+            (markers / f"held-{trial}").write_text(inputs[0].device.type)
             while not (markers / RELEASE_FILE).exists():
                 time.sleep(0.05)
         if nan_from is not None and calls >= nan_from:
