@@ -195,6 +195,13 @@ class GuidanceConfig(StrictModel):
         default="data", description="noise: the guide sees noise, the target real data (authors)"
     )
     temperature: float = Field(default=4.0, gt=0, description="distillation softmax temperature")
+    batch: Literal["global", "local"] = Field(
+        default="global",
+        description="data-parallel runs only: global gathers every replica's activations, so "
+        "each Gram is the whole batch's (the single-process loss and gradient); local keeps "
+        "each replica's shard Grams (cheaper, a different and noisier loss: the mean of the "
+        "shards' losses)",
+    )
 
 
 class NoiseWarmupConfig(StrictModel):
@@ -253,6 +260,12 @@ class TrainConfig(StrictModel):
         ge=1,
         description="end the run after this many epochs while the lr schedule still spans "
         "`epochs` (how a rerun reproduces a trial a scheduler stopped early)",
+    )
+    sync_batchnorm: bool = Field(
+        default=True,
+        description="data-parallel runs only: the target's BatchNorm normalises with the whole "
+        "batch's statistics (so the run is the single-process run of that batch); false: "
+        "each replica's own",
     )
     seed: int = 0
     threads: int | None = Field(
