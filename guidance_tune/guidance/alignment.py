@@ -40,7 +40,7 @@ class _Gram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, flat: Tensor) -> Tensor:
         ctx.save_for_backward(flat)
-        upcast = _at_least_fp32(flat)
+        upcast = at_least_fp32(flat)
         return upcast @ upcast.T
 
     @staticmethod
@@ -48,12 +48,13 @@ class _Gram(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (flat,) = ctx.saved_tensors
         with torch.autocast(device_type=flat.device.type, enabled=False):
-            upcast = _at_least_fp32(flat)
+            upcast = at_least_fp32(flat)
             grad = grad.to(upcast.dtype)
             return ((grad + grad.T) @ upcast).to(flat.dtype)
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
+def at_least_fp32(x: Tensor) -> Tensor:
+    """fp32 for half types, the dtype itself for fp32 and fp64: what every Gram is taken in."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from guidance_tune.config import ConfigError, GuidanceConfig
 from guidance_tune.guidance.alignment import get_metric, gram, paired_similarities
+from guidance_tune.guidance.gather import gathered_gram, replicas
 from guidance_tune.guidance.layers import LayerCapture, build_pairs, discover_layers
 
 
@@ -191,15 +192,18 @@ class Guidance(GuideTerm):
             "guide": _pair_rows([g for _, g in self.pairs], self._guide_layers),
         }
         self._pair_index: dict[tuple[str, torch.device], Tensor] = {}
+        # data parallel with guidance.batch global: every Gram is the whole batch's (gather.py)
+        whole_batch = self.config.batch == "global" and replicas() > 1
+        layer_gram = gathered_gram if whole_batch else gram
         self._target_capture = LayerCapture(
             target,
             self._target_layers,
-            gram,
+            layer_gram,
             should_capture=self._capturing_target,
             valid_positions=valid_positions,
         )
         self._guide_capture = LayerCapture(
-            guide, self._guide_layers, gram, valid_positions=valid_positions
+            guide, self._guide_layers, layer_gram, valid_positions=valid_positions
         )
         self._similarity_sum = torch.zeros(())
         self._steps_summed = 0
@@ -223,7 +227,7 @@ class Guidance(GuideTerm):
 
     def loss(self, inputs: Tensor, logits: Tensor | None, guide_output: Tensor) -> Tensor:
         """Sum over pairs of (1 - similarity), from what the target's hooks just captured."""
-        self.metric.check_batch(inputs.shape[0])
+        self.metric.check_batch(guide_output.shape[-1])  # the Grams' batch: global or shard
         captured = self._target_capture.captured
         missing = [t for t, _ in self.pairs if t not in captured]
         if missing:
