@@ -29,9 +29,11 @@ from guidance_tune.data.tasks import Task
 from guidance_tune.guidance.term import GuideTerm, build_guide_term, make_noise
 from guidance_tune.metrics import SELECTABLE_METRICS, direction, is_better
 from guidance_tune.models import create_model
+from guidance_tune.models.sync_batchnorm import convert_sync_batchnorm
 from guidance_tune.outcome import Outcome
 from guidance_tune.training.checkpoint import Checkpoint, rng_state, seed_everything, set_rng_state
 from guidance_tune.training.checks import check_run, check_select_metric
+from guidance_tune.training.parallel import average_gradients, replicas
 
 
 class Reporter:
@@ -138,6 +140,8 @@ def build_run(
         "num_classes": data.num_classes,
     }
     target = create_model(config.target, seed=config.train.seed, **shape).to(device)
+    if replicas() > 1 and config.train.sync_batchnorm:  # before the guidance hooks are placed
+        target = convert_sync_batchnorm(target)
     guide = None
     warmup = config.noise_warmup.steps > 0
     if config.guide is not None and (config.guidance.kind != "none" or warmup):
@@ -170,11 +174,19 @@ def guided_loss(run: Run, x: Tensor, y: Tensor, guide_x: Tensor | None = None):
         return task, run.term(x, logits, guide_inputs=guide_x)
 
 
+def backward(run: Run, loss: Tensor) -> None:
+    """The target's gradient of ``loss``; data parallel, averaged over the replicas, which makes
+    it the single process's gradient of the global batch (:mod:`.parallel`)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if replicas() > 1:
+        average_gradients(run.target)
+
+
 def optimizer_step(run: Run, loss: Tensor) -> None:
     """Backward, then the target's gradient clipped to ``optim.grad_clip_norm`` where set (on
     the device: no host sync), then the step."""
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(run, loss)
     if run.config.optim.grad_clip_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.target.parameters(), run.config.optim.grad_clip_norm)
     run.optimizer.step()

@@ -1,0 +1,171 @@
+"""Data-parallel guided steps on a real gloo group of 2 processes against 1 process on the same
+global batch: with guidance.batch global (and sync BatchNorm) the loss and every gradient are
+the single process's; with local the loss is the mean of the shards' losses."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from guidance_tune.config import config_to_dict, parse_run_config
+from guidance_tune.guidance.alignment import get_metric
+from guidance_tune.guidance.layers import LayerCapture
+from guidance_tune.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from guidance_tune.training.loop import backward, build_run, guided_loss
+from guidance_tune.training.parallel import shard
+
+from .processes import free_port
+
+REPLICAS = 2
+BATCH = 32
+TOLERANCE = 1e-5
+TARGETS = {
+    "fcn": {
+        "name": "deep_fcn",
+        "kwargs": {"depth": 4, "first_width": 32, "width": 32, "dropout": 0},
+    },
+    "conv": {"name": "deep_convnet", "kwargs": {"layers": [1, 1], "width": 4}},
+}
+
+
+def _config(target: str, batch: str):
+    return parse_run_config(
+        {
+            "name": "ddp",
+            "target": TARGETS[target],
+            "guide": {"name": "resnet18"},
+            "data": {"name": "synthetic", "synthetic_samples": 256, "synthetic_size": 16},
+            "guidance": {"batch": batch},
+            "train": {"batch_size": BATCH, "device": "cpu", "threads": 1},
+        }
+    )
+
+
+def _first_batch(run):
+    batches = run.data.train.batches(BATCH, epoch=0, seed=0, shuffle=True, drop_last=True)
+    return next(iter(batches))
+
+
+def _state(run, task, guidance) -> dict:
+    return {
+        "task": task.detach(),
+        "guidance": guidance.detach(),
+        "grads": {name: p.grad.clone() for name, p in run.target.named_parameters()},
+        "buffers": {name: b.clone() for name, b in run.target.named_buffers()},
+    }
+
+
+def _guided_step(config) -> dict:
+    """One guided step's losses, gradients and BatchNorm buffers: on a replica, of its shard."""
+    run = build_run(config)
+    run.target.train()
+    x, y = (shard(t) for t in _first_batch(run))
+    task, guidance = guided_loss(run, x, y)
+    backward(run, task + guidance)
+    return _state(run, task, guidance)
+
+
+def _mean_of_shards_step(config) -> dict:
+    """One process on the whole batch (its BatchNorm sees all of it, as synced replicas do),
+    the guidance loss the mean over the replicas' shards of each shard's own CKA loss."""
+    run = build_run(config)
+    run.target.train()
+    x, y = _first_batch(run)
+    target_layers = list(dict.fromkeys(t for t, _ in run.term.pairs))
+    guide_layers = list(dict.fromkeys(g for _, g in run.term.pairs))
+    target_capture = LayerCapture(run.target, target_layers, lambda a: a)
+    guide_capture = LayerCapture(run.guide, guide_layers, lambda a: a)
+    logits = run.target(x)
+    with torch.no_grad():
+        run.guide.eval()(x)
+    metric = get_metric(config.guidance.metric)
+    rows = BATCH // REPLICAS
+    shard_losses = [
+        sum(
+            1
+            - metric(
+                target_capture.captured[t][s : s + rows], guide_capture.captured[g][s : s + rows]
+            )
+            for t, g in run.term.pairs
+        )
+        for s in range(0, BATCH, rows)
+    ]
+    task = run.task.loss(logits, y)
+    guidance = config.guidance.weight * torch.stack(shard_losses).mean()
+    backward(run, task + guidance)
+    return _state(run, task, guidance)
+
+
+def _replica(rank: int, port: int, configs: dict, results) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=REPLICAS
+    )
+    try:
+        for case, data in configs.items():
+            results[(case, rank)] = _guided_step(parse_run_config(data))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def replicated():
+    """Every case's step on each of 2 gloo replicas, in one spawn (start-up is most of it)."""
+    configs = {
+        (target, batch): config_to_dict(_config(target, batch))
+        for target in TARGETS
+        for batch in ("global", "local")
+    }
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_replica, args=(free_port(), configs, results), nprocs=REPLICAS, join=True)
+        return {case: [results[(case, r)] for r in range(REPLICAS)] for case in configs}
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_whole_batch_guidance_gives_the_single_process_loss_and_gradients(replicated, target):
+    single = _guided_step(_config(target, "global"))
+    replicas = replicated[(target, "global")]
+    for replica in replicas:
+        assert abs(replica["guidance"] - single["guidance"]) < TOLERANCE
+        assert _max_difference(replica["grads"], single["grads"]) < TOLERANCE
+        # synced BatchNorm: the running statistics of the whole batch
+        assert _max_difference(replica["buffers"], single["buffers"]) < TOLERANCE
+    # the mean of the shards' task means is the global batch's mean
+    task = sum(replica["task"] for replica in replicas) / REPLICAS
+    assert abs(task - single["task"]) < TOLERANCE
+    assert replicas[0]["grads"].keys() == single["grads"].keys()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_local_guidance_is_the_mean_of_the_shards_losses(replicated, target):
+    reference = _mean_of_shards_step(_config(target, "local"))
+    replicas = replicated[(target, "local")]
+    local = sum(replica["guidance"] for replica in replicas) / REPLICAS
+    whole = replicated[(target, "global")][0]["guidance"]
+    assert abs(local - whole) > 1e-3  # a different loss than the whole batch's
+    assert abs(local - reference["guidance"]) < TOLERANCE
+    for replica in replicas:
+        assert _max_difference(replica["grads"], reference["grads"]) < TOLERANCE
+
+
+def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.BatchNorm1d(64))
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    assert [type(m) for m in synced if isinstance(m, SyncBatchNorm)] == [SyncBatchNorm] * 2
+    assert synced.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(8, 3, 6, 6)
+    for model in (plain, synced):
+        model(x).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), synced.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, synced.state_dict()[name]), name
