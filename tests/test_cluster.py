@@ -113,7 +113,9 @@ def postgres_mlflow_server(tmp_path_factory):
 
 
 def write_study(tmp_path, name, tracking_uri, **study) -> Path:
-    """Two trials at once, one per node: the unguided baseline and one guided."""
+    """Two trials at once, one per node: the unguided baseline and one guided. Each in a fresh
+    process: with worker reuse, a trial this short can end before the other node's worker has
+    started, and Tune then runs the second trial in the first one's process, on its node."""
     spec = study_dict(
         name,
         tmp_path,
@@ -121,6 +123,7 @@ def write_study(tmp_path, name, tracking_uri, **study) -> Path:
         max_concurrent_trials=2,
         scheduler={"kind": "fifo"},
         tracking_uri=tracking_uri,
+        reuse_actors=False,
         **study,
     )
     path = tmp_path / f"{name}.yaml"
