@@ -8,3 +8,13 @@ def write_report(path, report: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+# what a benchmark that launches studies sets first: no auth, telemetry or Tune chatter
+STUDY_ENVIRONMENT = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+}

@@ -23,17 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_report
+from benchmarks import STUDY_ENVIRONMENT, write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKED_LIMIT = 2.5  # 4 trials packed on one GPU >= 2.5 x the trials per hour of 1 per GPU
-ENVIRONMENT = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_USAGE_STATS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,7 +123,7 @@ def run(args: argparse.Namespace, gpus: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in ENVIRONMENT.items():
+    for key, value in STUDY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     import torch
 

@@ -31,15 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import write_report
-
-ENVIRONMENT = {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_DISABLE_USAGE_STATS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-}
+from benchmarks import STUDY_ENVIRONMENT, write_report
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,7 +141,7 @@ def measure(args: argparse.Namespace, trials: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for key, value in ENVIRONMENT.items():
+    for key, value in STUDY_ENVIRONMENT.items():
         os.environ.setdefault(key, value)
     import ray
 
