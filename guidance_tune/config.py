@@ -261,6 +261,13 @@ class TrainConfig(StrictModel):
         description="end the run after this many epochs while the lr schedule still spans "
         "`epochs` (how a rerun reproduces a trial a scheduler stopped early)",
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="data-parallel replicas, one process each (gloo on CPU, NCCL on CUDA): "
+        "train.batch_size stays the global batch, split evenly over them, and every logged "
+        "metric is the single process's (`train` and `rerun`: --workers N)",
+    )
     sync_batchnorm: bool = Field(
         default=True,
         description="data-parallel runs only: the target's BatchNorm normalises with the whole "
@@ -343,6 +350,12 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is too small for guidance.metric "
                 f"{self.guidance.metric!r}: it needs at least {minimum} samples per batch"
+            )
+        workers = self.train.workers
+        if self.train.batch_size % workers:
+            raise ValueError(
+                f"train.batch_size {self.train.batch_size} does not split over train.workers "
+                f"{workers}: the global batch is split evenly, so make it a multiple of {workers}"
             )
         return self
 

@@ -3,13 +3,17 @@ global batch: with guidance.batch global (and sync BatchNorm) the loss and every
 the single process's; with local the loss is the mean of the shards' losses."""
 
 import copy
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from torch import nn
 
+from guidance_tune.cli.main import main
 from guidance_tune.config import config_to_dict, parse_run_config
 from guidance_tune.guidance.alignment import get_metric
 from guidance_tune.guidance.layers import LayerCapture
@@ -169,3 +173,68 @@ def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
         assert torch.equal(a.grad, b.grad), name
     for name, value in plain.state_dict().items():
         assert torch.equal(value, synced.state_dict()[name]), name
+
+
+RUN_YAML = {
+    "name": "dp-cli",
+    # dropout off: each process draws its own masks
+    "target": {
+        "name": "deep_fcn",
+        "kwargs": {"depth": 6, "first_width": 64, "width": 64, "dropout": 0},
+    },
+    "guide": {"name": "resnet18"},
+    "data": {"name": "digits"},
+    # SGD: Adam's first steps move each weight by about lr whatever its gradient's size, so
+    # the last-bit differences of any two reduction orders (two thread counts of one process
+    # too) grow into 1e-3 apart by the second epoch
+    "optim": {"optimizer": "sgd", "lr": 0.05},
+    "train": {"epochs": 2, "batch_size": 32, "max_steps_per_epoch": 10, "threads": 1},
+}
+LOGGED = ("train/loss", "train/guidance_loss", "val/loss", "val/top1", "best/loss")
+
+
+def _histories(uri: str, run_id: str) -> dict[str, list[float]]:
+    client = mlflow.MlflowClient(uri)
+    return {key: [m.value for m in client.get_metric_history(run_id, key)] for key in LOGGED}
+
+
+def _last_run_id(uri: str) -> str:
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return max(runs, key=lambda run: run.info.start_time).info.run_id
+
+
+def test_train_and_rerun_with_two_workers_log_the_single_process_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(RUN_YAML))
+    assert main(["train", str(spec), "--quiet"]) == 0
+    single_id = _last_run_id(uri)
+    assert main(["train", str(spec), "--quiet", "--workers", "2"]) == 0
+    replicated_id = _last_run_id(uri)
+    assert main(["rerun", single_id, "--quiet", "--workers", "2"]) == 0
+    rerun_id = _last_run_id(uri)
+    assert len({single_id, replicated_id, rerun_id}) == 3  # one MLflow run each, whatever N
+    single = _histories(uri, single_id)
+    assert all(len(values) == 2 for values in single.values())
+    for run_id in (replicated_id, rerun_id):
+        logged = _histories(uri, run_id)
+        for key, values in single.items():
+            assert logged[key] == pytest.approx(values, abs=1e-4), key
+    params = mlflow.MlflowClient(uri).get_run(rerun_id).data.params
+    assert params["train.workers"] == "2"
+
+
+def test_workers_that_do_not_split_the_batch_are_refused(tmp_path, capsys):
+    spec = tmp_path / "run.yaml"
+    spec.write_text(yaml.safe_dump(RUN_YAML))
+    assert main(["train", str(spec), "--quiet", "--workers", "3"]) == 2
+    assert "make it a multiple of 3" in capsys.readouterr().err
+
+
+def test_a_study_refuses_data_parallel_trials_with_the_rerun_that_gives_them(capsys):
+    spec = str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
+    assert main(["study", "check", spec, "--set", "train.workers=2"]) == 2
+    assert "rerun RUN_ID --workers N" in capsys.readouterr().err

@@ -15,12 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from guidance_tune.cli.study import add_overrides_option, add_study_commands
-from guidance_tune.config import GENERATED_DATASETS, ConfigError, RunConfig, load_run_config
+from guidance_tune.cli.study import add_overrides_option, add_study_commands, add_workers_option
+from guidance_tune.config import (
+    GENERATED_DATASETS,
+    ConfigError,
+    RunConfig,
+    load_run_config,
+    with_changes,
+)
 from guidance_tune.study.quiet import quiet_libraries, quiet_mlflow
 
 if TYPE_CHECKING:
     from guidance_tune.tracking.record import RunRecord
+    from guidance_tune.training.checkpoint import Checkpoint
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
@@ -40,6 +47,7 @@ def _add_train(commands) -> None:
         "--checkpoint", type=Path, help="keep the latest epoch's state in this directory"
     )
     parser.add_argument("--resume", type=Path, help="continue from a --checkpoint directory")
+    add_workers_option(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_train)
 
@@ -70,14 +78,13 @@ def _train(args: argparse.Namespace) -> int:
     """Everything the user can get wrong is checked before data loads or a run opens. Ctrl-C
     once an epoch is saved prints the command that resumes it (into the same MLflow run)."""
     from guidance_tune.config import require_writable
-    from guidance_tune.outcome import Outcome
-    from guidance_tune.tracking.recorded import train_recorded
     from guidance_tune.tracking.store import check_store, resolve_tracking_uri
     from guidance_tune.training.checkpoint import load_checkpoint, load_run_link
-    from guidance_tune.training.loop import build_run
-    from guidance_tune.training.reporters import CheckpointDirectory, ConsoleReporter, print_summary
+    from guidance_tune.training.loop import replicated
 
     config = load_run_config(args.config, args.overrides)
+    if args.workers is not None:
+        config = with_changes(config, {"train.workers": args.workers}, source="--workers")
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = resolve_tracking_uri(tracking_uri) if tracking_uri else None
     if uri is not None:
@@ -86,6 +93,23 @@ def _train(args: argparse.Namespace) -> int:
         require_writable(args.checkpoint, "--checkpoint")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     link = load_run_link(args.resume) if args.resume else None
+    with replicated(config, checkpoint):
+        return _train_replica_0(args, config, checkpoint, uri, link)
+
+
+def _train_replica_0(
+    args: argparse.Namespace,
+    config: RunConfig,
+    checkpoint: Checkpoint | None,
+    uri: str | None,
+    link: dict[str, str] | None,
+) -> int:
+    """The run in this process: replica 0, the one that reports and logs, of its workers."""
+    from guidance_tune.outcome import Outcome
+    from guidance_tune.tracking.recorded import train_recorded
+    from guidance_tune.training.loop import build_run
+    from guidance_tune.training.reporters import CheckpointDirectory, ConsoleReporter, print_summary
+
     run = build_run(config, checkpoint)
     record = _train_record(args, uri, config, link)
     reporters = [ConsoleReporter(config.train.epochs, enabled=not args.quiet)]

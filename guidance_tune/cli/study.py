@@ -76,6 +76,7 @@ def add_study_commands(commands) -> None:
     rerun.add_argument("--epochs", type=int)
     rerun.add_argument("--seed", type=int)
     rerun.add_argument("--tracking-uri")
+    add_workers_option(rerun)
     rerun.add_argument("--quiet", action="store_true")
     rerun.set_defaults(handler=_rerun)
 
@@ -89,6 +90,18 @@ def add_overrides_option(parser, example: str) -> None:
         default=[],
         metavar="KEY=VALUE",
         help=f"override a field, e.g. --set {example} (repeatable)",
+    )
+
+
+def add_workers_option(parser) -> None:
+    """``--workers N``: the run as N data-parallel processes on this machine."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="data-parallel processes on this machine (gloo on CPU, one GPU each on CUDA), "
+        "train.batch_size the global batch: the same run as one process, N times the devices "
+        "(default: the config's train.workers)",
     )
 
 
@@ -284,7 +297,7 @@ def _rerun(args: argparse.Namespace) -> int:
     from guidance_tune.tracking.recorded import train_recorded
     from guidance_tune.tracking.results import compare_runs
     from guidance_tune.tracking.store import check_store, resolve_tracking_uri
-    from guidance_tune.training.loop import build_run
+    from guidance_tune.training.loop import build_run, replicated
     from guidance_tune.training.reporters import ConsoleReporter, print_summary
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -293,7 +306,7 @@ def _rerun(args: argparse.Namespace) -> int:
     config = load_run_config_from_mlflow(uri, run_id)
     original = RunRecord(uri, run_id).info()
     original_final = dict(original.data.metrics)
-    changes = {"train.epochs": args.epochs, "train.seed": args.seed}
+    changes = {"train.epochs": args.epochs, "train.seed": args.seed, "train.workers": args.workers}
     if args.epochs is None and "epoch" in original_final:
         # a trial stopped early by the scheduler is reproduced up to where it stopped
         changes["train.stop_after_epochs"] = int(original_final["epoch"])
@@ -303,11 +316,13 @@ def _rerun(args: argparse.Namespace) -> int:
     config = with_changes(config, changes, source="rerun")
     for name in user_code(config):
         print(f"this config imports and runs user code: {name}", file=sys.stderr)
-    run = build_run(config)
-    tags = rerun_tags(original)
-    name = f"{original.info.run_name}-rerun"
-    record = RunRecord.start(uri, original.info.experiment_id, name, tags, config, args.command)
-    result = train_recorded(run, record, [ConsoleReporter(config.train.epochs, not args.quiet)])
+    with replicated(config):
+        run = build_run(config)
+        tags = rerun_tags(original)
+        name = f"{original.info.run_name}-rerun"
+        record = RunRecord.start(uri, original.info.experiment_id, name, tags, config, args.command)
+        reporters = [ConsoleReporter(config.train.epochs, not args.quiet)]
+        result = train_recorded(run, record, reporters)
     print_summary(result, record.run_id)
     comparison = compare_runs(original_final, result.final, RERUN_KEYS)
     heading = f"# {original.info.run_name}: original vs rerun"

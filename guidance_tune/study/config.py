@@ -233,6 +233,18 @@ class StudyConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _trials_are_one_process(self) -> StudyConfig:
+        """A trial is one process: a base naming more workers would log a config it did not
+        train with."""
+        if self.base.train.workers != 1:
+            raise ValueError(
+                f"train.workers {self.base.train.workers}: a study's trials run as one process "
+                "each; remove it (a data-parallel run of any trial is `guidance-tune rerun RUN_ID "
+                "--workers N`)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _search_never_reads_test(self) -> StudyConfig:
         """Confirmation and arms runs turn it on for their own runs, never in the base."""
         if self.base.train.evaluate_test:

@@ -33,7 +33,15 @@ from guidance_tune.models.sync_batchnorm import convert_sync_batchnorm
 from guidance_tune.outcome import Outcome
 from guidance_tune.training.checkpoint import Checkpoint, rng_state, seed_everything, set_rng_state
 from guidance_tune.training.checks import check_run, check_select_metric
-from guidance_tune.training.parallel import average_gradients, replicas
+from guidance_tune.training.parallel import (
+    average_gradients,
+    local_replicas,
+    mean_over_replicas,
+    rank,
+    replicas,
+    shard,
+    sum_over_replicas,
+)
 
 
 class Reporter:
@@ -204,7 +212,8 @@ def run_noise_warmup(run: Run) -> None:
         for x, y in run.data.train.batches(
             batch_size, epoch=-warmup_pass, seed=run.config.train.seed, shuffle=True, drop_last=True
         ):
-            noise = make_noise(x, warmup.noise)
+            noise = make_noise(x, warmup.noise)  # of the global batch, then this replica's rows
+            x, y, noise = shard(x), shard(y), shard(noise)
             target_x = noise if warmup.inputs == "shared" else x
             with run.term.noise_warmup():
                 task, guidance = guided_loss(run, target_x, y, guide_x=noise)
@@ -217,7 +226,8 @@ def run_noise_warmup(run: Run) -> None:
 
 def loss_diverged(run: Run, loss: float) -> bool:
     """Non-finite, or blown up: above ``divergence_factor`` times the run's first loss (taken
-    as at least 1, so a run that starts near zero is not judged on noise)."""
+    as at least 1, so a run that starts near zero is not judged on noise). Data parallel,
+    ``loss`` is the mean over the replicas, so all of them stop at the same step."""
     if not math.isfinite(loss):
         return True
     factor = run.config.train.divergence_factor
@@ -230,7 +240,9 @@ def loss_diverged(run: Run, loss: float) -> bool:
 
 def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float]:
     """Metrics accumulate on the device; the only host syncs are the run's first loss and the
-    periodic divergence check."""
+    periodic divergence check. Data parallel, each replica takes its rows of global batch k
+    (:func:`~.parallel.shard`) and every loss a decision or a metric reads is the mean over
+    the replicas: the global batch's."""
     cfg = run.config.train
     total = run.data.train.num_batches(cfg.batch_size, drop_last=True)
     if cfg.max_steps_per_epoch is not None:
@@ -242,20 +254,21 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
         cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True, drop_last=True
     )
     for x, y in batches:
-        task, guidance = guided_loss(run, x, y)
+        task, guidance = guided_loss(run, shard(x), shard(y))
         loss = task + guidance
         optimizer_step(run, loss)
         sums += torch.stack([loss.detach(), task.detach(), guidance.detach()]).float()
         if run.first_loss is None:
-            run.first_loss = loss.item()
+            run.first_loss = mean_over_replicas(loss.detach()).item()
         steps += 1
         run.step += 1
         reporter.step(epoch, steps, total)
-        if steps % cfg.divergence_check_steps == 0 and loss_diverged(run, sums[0].item() / steps):
+        checked = steps % cfg.divergence_check_steps == 0
+        if checked and loss_diverged(run, mean_over_replicas(sums[0]).item() / steps):
             break
         if steps == total:
             break
-    loss, task, guidance = (sums / max(steps, 1)).tolist()
+    loss, task, guidance = (mean_over_replicas(sums) / max(steps, 1)).tolist()
     metrics = {"train/loss": loss, "train/task_loss": task, "train/guidance_loss": guidance}
     if run.term is not None:
         metric = run.config.guidance.metric
@@ -268,18 +281,22 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
 @torch.no_grad()
 def evaluate(run: Run, split: str = "val") -> dict[str, float]:
     """``<split>/loss`` and the task's scores (:mod:`~guidance_tune.data.tasks`) of the
-    current weights."""
+    current weights. Data parallel, replica ``r`` of ``N`` scores batches ``r, r + N, ...`` and
+    the score sums are added over the replicas: the whole split's scores, on every replica."""
     run.target.eval()
     task, num_classes = run.task, run.data.num_classes
     sums = None
     batches = getattr(run.data, split).batches(
         run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
     )
-    for x, y in itertools.islice(batches, run.config.train.max_eval_batches):
+    batches = itertools.islice(batches, run.config.train.max_eval_batches)
+    for x, y in itertools.islice(batches, rank(), None, replicas()):
         with run.autocast():
             logits = run.target(x)
         batch = task.score_sums(logits, y, num_classes)
         sums = batch if sums is None else sums + batch
+    if replicas() > 1:
+        sums = sum_over_replicas(sums, run.device)
     return task.scores(sums, split, num_classes)
 
 
@@ -410,8 +427,27 @@ def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
     return TrainResult(Outcome.FINISHED, run.history)
 
 
+def _replica(config: RunConfig, checkpoint: Checkpoint | None) -> None:
+    """A replica other than 0 of a run on this machine: it trains in step and reports nothing.
+    A config error is replica 0's to report: it builds the same run and meets the same one."""
+    try:
+        run = build_run(config, checkpoint)
+    except ConfigError:
+        return
+    fit(run)
+
+
+def replicated(config: RunConfig, checkpoint: Checkpoint | None = None):
+    """A block in which this process is replica 0 of the run's ``train.workers`` on this
+    machine (:func:`~.parallel.local_replicas`); build and fit the run inside it."""
+    device = resolve_device(config.train.device)
+    return local_replicas(config.train.workers, device, _replica, config, checkpoint)
+
+
 def train(
     config: RunConfig, reporter: Reporter | None = None, checkpoint: Checkpoint | None = None
 ) -> TrainResult:
-    """Train ``config.target`` (guided as the config says); resume from ``checkpoint`` if given."""
-    return fit(build_run(config, checkpoint), reporter)
+    """Train ``config.target`` (guided as the config says); resume from ``checkpoint`` if given.
+    With ``train.workers`` > 1, as that many data-parallel processes of this machine."""
+    with replicated(config, checkpoint):
+        return fit(build_run(config, checkpoint), reporter)

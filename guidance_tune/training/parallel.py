@@ -16,9 +16,20 @@ process's in order. Three things make a step the single-process step of that bat
 
 The average is one all_reduce of every gradient flattened into one buffer after backward, not
 DDP's wrapper: the target stays the plain module its hooks, state dict and checkpoints know.
+
+Where the replicas come from: ``train`` and ``rerun`` (``--workers N``) get them on one machine
+from :func:`local_replicas`, which makes the calling process replica 0, so its reporters
+(console, MLflow, checkpoints) are the run's, and spawns the others, which report nothing.
 """
 
 from __future__ import annotations
+
+import datetime
+import multiprocessing
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +37,10 @@ from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from guidance_tune.guidance.gather import replicas
+
+# How long a replica waits in a collective for the others (a replica that died ends the wait
+# at once: gloo and NCCL see its connection close). Long enough for a slow first epoch's eval.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def rank() -> int:
@@ -36,6 +51,8 @@ def rank() -> int:
 def shard(batch: Tensor) -> Tensor:
     """This replica's rows of a global batch: (b, ...) -> (b / N, ...)."""
     count = replicas()
+    if count == 1:
+        return batch
     if batch.shape[0] % count:
         raise ValueError(
             f"a batch of {batch.shape[0]} does not split evenly over {count} replicas: the "
@@ -57,3 +74,90 @@ def average_gradients(module: nn.Module) -> None:
     flat /= replicas()
     for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
         grad.copy_(averaged)
+
+
+def mean_over_replicas(value: Tensor) -> Tensor:
+    """``value``'s mean over the replicas (a copy); ``value`` itself in a single process."""
+    if replicas() == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / replicas()
+
+
+def sum_over_replicas(sums: Tensor | None, device: torch.device) -> Tensor:
+    """Per-replica sums added over the replicas, on every one of them; a replica that had
+    nothing to add (``None``: fewer batches than replicas) adds zeros of the others' length."""
+    length = torch.tensor([0 if sums is None else sums.numel()], device=device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    total = torch.zeros(int(length.item()), device=device) if sums is None else sums.clone()
+    dist.all_reduce(total)
+    return total
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _join(rank: int, count: int, address: str, backend: str) -> None:
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend, init_method=address, rank=rank, world_size=count, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def _replica_process(
+    rank: int, count: int, address: str, backend: str, replica: Callable[..., Any], args: tuple
+) -> None:
+    _join(rank, count, address, backend)
+    try:
+        replica(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextmanager
+def local_replicas(
+    count: int, device: torch.device, replica: Callable[..., Any], *args: Any
+) -> Iterator[None]:
+    """Inside the block this process is replica 0 of ``count`` on this machine; the others run
+    ``replica(*args)`` (a module-level function: they are spawned) in their own processes, one
+    GPU each on CUDA. Nothing happens with ``count`` 1 or inside a group already (a Ray Train
+    worker). On exit the group is torn down and the others joined; one that failed while this
+    process did not is an error here too."""
+    if count == 1 or replicas() > 1:
+        yield
+        return
+    address, backend = f"tcp://127.0.0.1:{_free_port()}", backend_for(device)
+    spawn = multiprocessing.get_context("spawn")
+    others = [
+        spawn.Process(
+            target=_replica_process,
+            args=(rank, count, address, backend, replica, args),
+            name=f"replica-{rank}",
+            daemon=True,
+        )
+        for rank in range(1, count)
+    ]
+    for process in others:
+        process.start()
+    _join(0, count, address, backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for process in others:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+    failed = [p.name for p in others if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"data-parallel {', '.join(failed)} failed (exit codes above)")
