@@ -120,7 +120,8 @@ def test_error_consistency_matches_a_hand_computed_kappa():
 def test_an_unknown_run_id_exits_2_naming_the_fix(analysed, capsys):
     uri, _, _ = analysed
     assert main(["analyze", "0123456789abcdef0123456789abcdef", "--tracking-uri", uri]) == 2
-    assert "no MLflow run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no MLflow run" in err and "--tracking-uri" in err
     assert main(["analyze", "zzzz", "--tracking-uri", uri]) == 2
     assert "guidance-tune study best" in capsys.readouterr().err
 
@@ -135,3 +136,50 @@ def test_a_run_without_a_best_checkpoint_exits_2(analysed, capsys):
     record = RunRecord.start(uri, ensure_experiment(uri, "guidance-tune"), "empty", {}, config)
     assert main(["analyze", record.run_id, "--tracking-uri", uri]) == 2
     assert "has no checkpoints/best.pt" in capsys.readouterr().err
+
+
+def _child(uri: str, experiment_id: str, parent_id: str, name: str, stage: str) -> str:
+    """A study's child run as the launcher tags it, trained for real by the package."""
+    from guidance_tune.config import RunConfig
+    from guidance_tune.tracking.record import RunRecord
+    from guidance_tune.tracking.recorded import train_recorded
+    from guidance_tune.training.loop import build_run
+
+    config = RunConfig.model_validate(
+        {**TINY, "train": {**TINY["train"], "epochs": 1, "max_steps_per_epoch": 5}}
+    )
+    tags = {
+        "mlflow.parentRunId": parent_id,
+        "study": TINY["name"],
+        "guidance_tune.role": "trial",
+        "stage": stage,
+        "arm": "guided-1" if stage == "confirm" else "guided",
+    }
+    record = RunRecord.start(uri, experiment_id, name, tags, config)
+    train_recorded(build_run(config), record)
+    return record.run_id
+
+
+@pytest.mark.slow
+def test_study_analyze_measures_the_confirmed_seeds_not_the_search(tmp_path, capsys):
+    from guidance_tune.config import config_to_dict
+    from guidance_tune.study.config import parse_study_config
+    from guidance_tune.tracking.record import RunRecord, ensure_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = parse_study_config({**TINY, "study": {"num_trials": 2, "metric": "val/loss"}})
+    experiment_id = ensure_experiment(uri, TINY["name"])
+    tags = {"study": TINY["name"], "guidance_tune.role": "study"}
+    parent = RunRecord.start(uri, experiment_id, TINY["name"], tags)
+    parent.log_dict(config_to_dict(spec), "study.json")
+    search = _child(uri, experiment_id, parent.run_id, "trial-0", "search")
+    seeds = [_child(uri, experiment_id, parent.run_id, f"seed-{s}", "confirm") for s in (0, 1)]
+    assert main(["study", "analyze", TINY["name"], "--tracking-uri", uri]) == 0
+    assert "analysing seed-0, seed-1" in capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    for run_id in seeds:
+        assert [f.path for f in client.list_artifacts(run_id, "analysis")] == [
+            "analysis/val.json",
+            "analysis/val.png",
+        ]
+    assert client.list_artifacts(search, "analysis") == []
