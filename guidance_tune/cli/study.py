@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from guidance_tune.config import ConfigError
 from guidance_tune.metrics import SPLIT_METRICS
 
 RERUN_COMPARISON = "rerun/comparison.md"  # on the rerun's run: original vs rerun metrics
@@ -71,6 +72,28 @@ def add_study_commands(commands) -> None:
     table.add_argument("--experiment", help="MLflow experiment (default: each study's name)")
     table.set_defaults(handler=_table)
 
+    analyze = actions.add_parser(
+        "analyze",
+        help="analyse a study's seed runs (confirm or arms), else its best search trials, as "
+        "`guidance-tune analyze` does",
+    )
+    analyze.add_argument("name", help="study name")
+    analyze.add_argument(
+        "--top", type=int, default=5, help="best search trials, where no seed run has ended"
+    )
+    add_analysis_options(analyze)
+    analyze.add_argument("--experiment", help="MLflow experiment (default: the study name)")
+    analyze.set_defaults(handler=_analyze_study)
+
+    analyze_runs = commands.add_parser(
+        "analyze",
+        help="measure runs' representations at their best checkpoints (every mapped pair's "
+        "similarities against chance, intrinsic dimensions, error consistency) and log them",
+    )
+    analyze_runs.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    add_analysis_options(analyze_runs)
+    analyze_runs.set_defaults(handler=_analyze)
+
     rerun = commands.add_parser("rerun", help="rerun a trial standalone (no Ray) from its run id")
     rerun.add_argument("run_id")
     rerun.add_argument("--epochs", type=int)
@@ -103,6 +126,19 @@ def add_workers_option(parser) -> None:
         "train.batch_size the global batch: the same run as one process, N times the devices "
         "(default: the config's train.workers)",
     )
+
+
+def add_analysis_options(parser) -> None:
+    parser.add_argument(
+        "--split", choices=["val", "test"], default="val", help="the split measured (val)"
+    )
+    parser.add_argument(
+        "--permutations",
+        type=int,
+        default=5,
+        help="guide shuffles each chance level averages (default 5)",
+    )
+    parser.add_argument("--tracking-uri")
 
 
 def _load(args):
@@ -354,3 +390,41 @@ def rerun_tags(original) -> dict[str, str]:
         if value := original.data.tags.get(key):
             tags[key] = value
     return tags
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    return _analyze_runs(args, args.run_ids)
+
+
+def _analyze_study(args: argparse.Namespace) -> int:
+    from guidance_tune.study.parent import load_study_from_mlflow
+    from guidance_tune.study.stages import analysed_rows
+    from guidance_tune.tracking.results import find_study
+    from guidance_tune.tracking.store import check_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_store(uri, create=False)
+    parent, children = find_study(uri, args.name, args.experiment)
+    spec = load_study_from_mlflow(uri, parent.info.run_id)
+    rows = analysed_rows(spec, children, args.top)
+    if not rows:
+        raise ConfigError(
+            f"study {args.name} has no run with a result to analyse yet: launch it "
+            f"(guidance-tune study launch) or wait for its first trial to end"
+        )
+    print(f"study {args.name}: analysing {', '.join(row.name for row in rows)}")
+    return _analyze_runs(args, [row.run_id for row in rows])
+
+
+def _analyze_runs(args: argparse.Namespace, run_ids: list[str]) -> int:
+    from guidance_tune.tracking.analysis import ANALYSIS_DIR, analyse_runs, analysis_text
+    from guidance_tune.tracking.store import check_store, resolve_tracking_uri
+
+    if args.permutations < 1:
+        raise ConfigError(f"--permutations {args.permutations}: give at least 1")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_store(uri, create=False)
+    results = analyse_runs(uri, run_ids, args.split, permutations=args.permutations)
+    print(analysis_text(results))
+    print(f"\nlogged on each run: {ANALYSIS_DIR}/{args.split}.json and .png")
+    return 0

@@ -58,6 +58,11 @@ class Task:
     def scores(self, sums: Tensor, split: str, num_classes: int) -> dict[str, float]:
         raise NotImplementedError
 
+    def correct(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Whether each scored prediction is right (the top class): bool ``(n,)``, one per
+        example, or per scored token of a token task, in batch order."""
+        raise NotImplementedError
+
 
 class Classification(Task):
     name, reported, predicts = "classification", ("top1", "top5"), "label"
@@ -76,6 +81,9 @@ class Classification(Task):
         """Top-5 of 5 or fewer classes is always 1, so it is not reported."""
         few = name == "top5" and num_classes is not None and num_classes <= 5
         return super().reports(name) and not few
+
+    def correct(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return logits.argmax(-1) == targets
 
     def scores(self, sums: Tensor, split: str, num_classes: int) -> dict[str, float]:
         loss, top1, top5 = (sums[:3] / sums[3]).tolist()
@@ -109,6 +117,9 @@ class TokenPrediction(Task):
         )
         hits = ((logits.argmax(-1) == targets) & scored).sum()
         return torch.stack([loss, hits.float(), scored.sum().float()])
+
+    def correct(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return (logits.argmax(-1) == targets)[targets != self._ignored()]
 
     def scores(self, sums: Tensor, split: str, num_classes: int) -> dict[str, float]:
         loss, hits, count = sums.tolist()

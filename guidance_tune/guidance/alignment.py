@@ -145,6 +145,11 @@ class Metric:
         self.check_batch(x.shape[0])
         return (self.represent(x) * self.represent(y)).sum()
 
+    def of_grams(self, k: Tensor, g: Tensor) -> Tensor:
+        """Similarity of two batches from their raw Grams. k, g: (..., b, b) -> (...)."""
+        self.check_batch(k.shape[-1])
+        return (self.from_gram(k) * self.from_gram(g)).sum((-2, -1))
+
 
 METRICS: dict[str, Metric] = {
     "cka": Metric("cka", cka_from_gram, min_batch=2),
@@ -155,6 +160,14 @@ METRICS: dict[str, Metric] = {
 linear_cka = METRICS["cka"]
 debiased_cka = METRICS["debiased_cka"]
 rsa = METRICS["rsa"]
+
+
+# What ``guidance-tune analyze`` reports for every mapped pair: name -> f(K, G), the similarity
+# of two batches from their raw (uncentred) Grams ``(b, b)``, K the target's and G the guide's.
+# Any measure added here is analysed, chance baseline included, with no other change.
+MEASURES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    name: metric.of_grams for name, metric in METRICS.items()
+}
 
 
 def get_metric(name: str) -> Metric:

@@ -60,6 +60,26 @@ def _eval_mode(*models: nn.Module):
                 module.training = flag
 
 
+def hooked_layers(model: nn.Module, sample_input: Tensor) -> list[str]:
+    """The model's hookable layer calls, discovered in eval mode (no BatchNorm update)."""
+    with _eval_mode(model):
+        return [layer.name for layer in discover_layers(model, sample_input)]
+
+
+def mapped_pairs(
+    target: nn.Module, guide: nn.Module, sample_input: Tensor, config: GuidanceConfig
+) -> list[tuple[str, str]]:
+    """The (target layer, guide layer) pairs ``config`` maps: what a guided run trains on and
+    what ``guidance-tune analyze`` measures."""
+    return build_pairs(
+        hooked_layers(target, sample_input),
+        hooked_layers(guide, sample_input),
+        mapping=config.mapping,
+        guide_subset=config.guide_layers,
+        explicit=config.pairs,
+    )
+
+
 def _pair_rows(pair_layers: list[str], layers: list[str]) -> list[int] | None:
     """Which finished layer each pair reads; None where they line up one to one, so the step
     needs no gather."""
@@ -175,16 +195,7 @@ class Guidance(GuideTerm):
         super().__init__(guide, config or GuidanceConfig())
         self.target = target
         self.metric = get_metric(self.config.metric)
-        with _eval_mode(target, guide):
-            target_layers = [layer.name for layer in discover_layers(target, sample_input)]
-            guide_layers = [layer.name for layer in discover_layers(guide, sample_input)]
-        self.pairs = build_pairs(
-            target_layers,
-            guide_layers,
-            mapping=self.config.mapping,
-            guide_subset=self.config.guide_layers,
-            explicit=self.config.pairs,
-        )
+        self.pairs = mapped_pairs(target, guide, sample_input, self.config)
         self._target_layers = list(dict.fromkeys(t for t, _ in self.pairs))
         self._guide_layers = list(dict.fromkeys(g for _, g in self.pairs))
         self._pair_rows = {

@@ -20,7 +20,13 @@ from guidance_tune.outcome import Outcome
 from guidance_tune.study.config import StudyConfig
 from guidance_tune.study.context import TrialTracking, Unit
 from guidance_tune.tracking.record import STAGE_TAG, UNIT_TAG, RunRecord, open_child_runs
-from guidance_tune.tracking.results import TrialRow, stage_of, study_children, trial_rows
+from guidance_tune.tracking.results import (
+    TrialRow,
+    rank_trials,
+    stage_of,
+    study_children,
+    trial_rows,
+)
 
 DONE = (Outcome.FINISHED.value, Outcome.DIVERGED.value)
 # runs a seed table counts: a failed seed is shown as one without a result, not left out
@@ -169,3 +175,16 @@ def report_seeds(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) 
         }
     )
     return seed_text(results, reference)
+
+
+def analysed_rows(spec: StudyConfig, children: list, top: int) -> list[TrialRow]:
+    """The runs ``study analyze`` measures: a study's seed runs (its confirmation's, or an arms
+    study's) that ended with a result, every seed of every arm, so that their measures come with
+    their spread; before there are any, its ``top`` best search trials."""
+    every = trial_rows(children, spec.study.metric)
+    stage, _, _ = seed_order(spec, every)
+    seeds = [row for row in every if row.tags.get(STAGE_TAG) == stage and row.status in DONE]
+    if seeds:
+        return sorted(seeds, key=lambda row: row.name)
+    search = [row for row in every if row.tags.get(STAGE_TAG, "search") == "search"]
+    return rank_trials(search, spec.study.mode, top=top)

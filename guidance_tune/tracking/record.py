@@ -395,7 +395,10 @@ def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"no MLflow run {run_id!r} at {tracking_uri}") from None
+        raise ConfigError(
+            f"no MLflow run {run_id!r} at {tracking_uri}: pass a run id as `guidance-tune "
+            "study best` prints it, with the --tracking-uri of the store that holds it"
+        ) from None
     if run.data.tags.get(ROLE_TAG) == "study":
         study = run.data.tags.get(STUDY_TAG, "")
         raise ConfigError(

@@ -124,6 +124,22 @@ def build_optimizer(config: RunConfig, params) -> tuple[torch.optim.Optimizer, A
     return optimizer, schedulers[o.schedule]()
 
 
+def model_shape(data: DataSplits) -> dict[str, int]:
+    """What the run's models are built for: the data's channels (or vocabulary), input size
+    and classes."""
+    return {
+        "in_channels": data.in_channels,
+        "image_size": data.image_size,
+        "num_classes": data.num_classes,
+    }
+
+
+def create_guide(config: RunConfig, shape: dict[str, int]) -> nn.Module:
+    """The run's guide as its training built it: seeded apart from the target (run seed + 1),
+    so an untrained guide is the same network whenever the config is run."""
+    return create_model(config.guide, seed=config.train.seed + 1, **shape)
+
+
 def build_run(
     config: RunConfig, checkpoint: Checkpoint | None = None, data: DataSplits | None = None
 ) -> Run:
@@ -142,18 +158,14 @@ def build_run(
             f"train.batch_size {config.train.batch_size} exceeds the {data.train.num_samples} "
             "training samples: lower it or use more data (data.n_train)"
         )
-    shape = {
-        "in_channels": data.in_channels,
-        "image_size": data.image_size,
-        "num_classes": data.num_classes,
-    }
+    shape = model_shape(data)
     target = create_model(config.target, seed=config.train.seed, **shape).to(device)
     if replicas() > 1 and config.train.sync_batchnorm:  # before the guidance hooks are placed
         target = convert_sync_batchnorm(target)
     guide = None
     warmup = config.noise_warmup.steps > 0
     if config.guide is not None and (config.guidance.kind != "none" or warmup):
-        guide = create_model(config.guide, seed=config.train.seed + 1, **shape).to(device)
+        guide = create_guide(config, shape).to(device)
     term = build_guide_term(
         target,
         guide,
