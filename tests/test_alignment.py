@@ -1,7 +1,10 @@
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 
+from guidance_tune.config import GuidanceConfig, RunConfig
 from guidance_tune.guidance.alignment import (
     METRICS,
     debiased_cka,
@@ -190,3 +193,12 @@ def test_a_stack_of_pairs_reduces_like_each_pair_alone(name):
     )
     one_by_one = torch.stack([metric(x, y) for x, y in zip(targets, guides, strict=True)])
     torch.testing.assert_close(batched, one_by_one)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_the_config_offers_every_metric_and_refuses_batches_it_cannot_use(name):
+    assert set(get_args(GuidanceConfig.model_fields["metric"].annotation)) == set(METRICS)
+    minimum = METRICS[name].min_batch
+    RunConfig(guidance={"metric": name}, train={"batch_size": minimum})
+    with pytest.raises(ValueError, match=f"at least {minimum}"):
+        RunConfig(guidance={"metric": name}, train={"batch_size": minimum - 1})
