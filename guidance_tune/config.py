@@ -171,8 +171,19 @@ class GuidanceConfig(StrictModel):
 
     kind: Literal["alignment", "distillation", "none"] = "alignment"
     weight: float = Field(default=1.0, ge=0, description="multiplies the summed guidance term")
-    metric: Literal["cka", "debiased_cka", "rsa"] = Field(
-        default="cka", description="similarity: the paper's biased linear CKA, debiased, or RSA"
+    metric: Literal["cka", "debiased_cka", "rsa", "ridge", "procrustes"] = Field(
+        default="cka",
+        description="similarity: the paper's biased linear CKA, debiased, RSA, ridge (R^2 of "
+        "the guide's activations fitted from the target's) or procrustes (orthogonal "
+        "Procrustes: 1 when the layers match up to a rotation and scale)",
+    )
+    ridge_lambda: float = Field(
+        default=1.0,
+        gt=0,
+        description="ridge metric's penalty relative to tr(K)/b, the target's mean centred "
+        "Gram eigenvalue (the penalty is ridge_lambda * tr(K)/b), so it does not depend on "
+        "the target's scale; small values let a wide target fit any guide, noise included "
+        "(R^2 near 1 at 0.1 for 4096 noise features and b = 256; 0.74 at 1)",
     )
     mapping: Literal["authors", "all_pairs", "explicit"] = Field(
         default="authors",
@@ -345,7 +356,9 @@ class RunConfig(StrictModel):
                 "guidance.mapping is explicit but guidance.pairs is empty: list "
                 "[target_layer, guide_layer] pairs (see `guidance-tune layers`)"
             )
-        minimum = {"cka": 2, "rsa": 3, "debiased_cka": 4}[self.guidance.metric]
+        minimum = {"cka": 2, "rsa": 3, "debiased_cka": 4, "ridge": 2, "procrustes": 2}[
+            self.guidance.metric
+        ]
         if self.guidance.kind == "alignment" and self.train.batch_size < minimum:
             raise ValueError(
                 f"train.batch_size {self.train.batch_size} is too small for guidance.metric "

@@ -36,13 +36,16 @@ def guidance_space(
     noise_warmup_steps: Sequence[int] = (0,),
     lr: Sequence[float] | None = None,
     trained_guide_weights: str | None = None,
+    ridge_lambda: Sequence[float] | None = None,
 ) -> dict[str, Any] | None:
     """Alignment guidance against no guidance.
 
     guide_layers are subset names of ``guidance_tune.layers.select_layers``; a guided_steps
     choice of None guides the whole run, N the first N steps; noise_warmup_steps with one choice
     fixes the noise phase of guided runs, with several searches it; trained_guide_weights (a
-    state-dict file of the guide) adds a trained-versus-untrained guide parameter.
+    state-dict file of the guide) adds a trained-versus-untrained guide parameter;
+    ridge_lambda, a [low, high] range, searches the ridge metric's relative penalty
+    (log-uniform) in guided runs of a base run with guidance.metric ridge.
     """
     weight = log_range("weight", weight)
     guide_layers = choices("guide_layers", guide_layers, _is_spec, "a layer subset like 'all'")
@@ -52,6 +55,13 @@ def guidance_space(
         raise ConfigError(
             f"trained_guide_weights must be a file path, got {trained_guide_weights!r}"
         )
+    if ridge_lambda is not None:
+        ridge_lambda = log_range("ridge_lambda", ridge_lambda)
+        if base["guidance"]["metric"] != "ridge":
+            raise ConfigError(
+                f"ridge_lambda is searched only for guidance.metric ridge; the base run's "
+                f"metric is {base['guidance']['metric']!r}: set guidance.metric to ridge"
+            )
     require_guide(base, "guidance")
 
     suggest_lr_and_batch_size(trial, lr=lr, batch_sizes=batch_sizes)
@@ -66,6 +76,8 @@ def guidance_space(
     trial.suggest_categorical("guidance.guided_steps", guided_steps)
     if trained_guide_weights is not None:
         trial.suggest_categorical("guide.weights", [None, trained_guide_weights])
+    if ridge_lambda is not None:
+        trial.suggest_float("guidance.ridge_lambda", *ridge_lambda, log=True)
     if len(warmup_steps) == 1:
         return {**constants, "noise_warmup.steps": warmup_steps[0]}
     trial.suggest_categorical("noise_warmup.steps", warmup_steps)

@@ -1,7 +1,10 @@
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 
+from guidance_tune.config import GuidanceConfig, RunConfig
 from guidance_tune.guidance.alignment import (
     METRICS,
     debiased_cka,
@@ -128,7 +131,10 @@ def test_gram_stays_fp32_under_bf16_autocast():
         assert gram(x).dtype == torch.float32
 
 
-@pytest.mark.parametrize(("name", "too_small"), [("cka", 1), ("rsa", 2), ("debiased_cka", 3)])
+@pytest.mark.parametrize(
+    ("name", "too_small"),
+    [("cka", 1), ("rsa", 2), ("debiased_cka", 3), ("ridge", 1), ("procrustes", 1)],
+)
 def test_batch_too_small_for_the_estimator_is_a_clear_error(name, too_small):
     x = _features(b=too_small, d=4)
     with pytest.raises(ValueError, match="at least"):
@@ -160,8 +166,9 @@ def test_gram_gradient_matches_autograd_in_the_activation_dtype(dtype):
         torch.testing.assert_close(ours.grad.double(), reference.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("side", ["target", "guide"])
 @pytest.mark.parametrize("name", sorted(METRICS))
-def test_a_stack_of_grams_finishes_like_each_gram_alone(name):
+def test_a_stack_of_grams_finishes_like_each_gram_alone(name, side):
     """Batching must not mix layers: a constant layer's floor and a huge layer's scale stay its
     own."""
     activations = [
@@ -169,7 +176,29 @@ def test_a_stack_of_grams_finishes_like_each_gram_alone(name):
         1e4 * _features(b=8, d=30, seed=22),
         torch.relu(_features(b=8, d=7, seed=23)),
     ]
-    from_gram = METRICS[name].from_gram
+    from_gram = getattr(METRICS[name], f"{side}_from_gram")
     stacked = from_gram(torch.stack([gram(a) for a in activations]))
     alone = torch.stack([from_gram(gram(a)) for a in activations])
     torch.testing.assert_close(stacked, alone)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_a_stack_of_pairs_reduces_like_each_pair_alone(name):
+    metric = METRICS[name]
+    targets = [_features(b=10, d=6, seed=s) for s in range(3)]
+    guides = [torch.relu(_features(b=10, d=9, seed=10 + s)) for s in range(3)]
+    batched = metric.pair(
+        metric.target_from_gram(torch.stack([gram(x) for x in targets])),
+        metric.guide_from_gram(torch.stack([gram(y) for y in guides])),
+    )
+    one_by_one = torch.stack([metric(x, y) for x, y in zip(targets, guides, strict=True)])
+    torch.testing.assert_close(batched, one_by_one)
+
+
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_the_config_offers_every_metric_and_refuses_batches_it_cannot_use(name):
+    assert set(get_args(GuidanceConfig.model_fields["metric"].annotation)) == set(METRICS)
+    minimum = METRICS[name].min_batch
+    RunConfig(guidance={"metric": name}, train={"batch_size": minimum})
+    with pytest.raises(ValueError, match=f"at least {minimum}"):
+        RunConfig(guidance={"metric": name}, train={"batch_size": minimum - 1})

@@ -133,6 +133,7 @@ BAD_CONFIGS = [
         "deep_fcn",
     ),
     ("train: {batch_size: 3}\nguidance: {metric: debiased_cka}\n", "at least 4"),
+    ("guidance: {metric: ridge, ridge_lambda: 0}\n", "guidance.ridge_lambda"),
     ("guidance: {mapping: explicit, pairs: [[blocks.0.linear, layer9]]}\n", "layer9"),
     ("target: [unclosed\n", "not valid YAML"),
     (

@@ -33,16 +33,17 @@ TARGETS = {
     },
     "conv": {"name": "deep_convnet", "kwargs": {"layers": [1, 1], "width": 4}},
 }
+PAIRED_METRICS = ("ridge", "procrustes")  # need both Grams of a pair: the gathered ones here
 
 
-def _config(target: str, batch: str):
+def _config(target: str, batch: str, metric: str = "cka"):
     return parse_run_config(
         {
             "name": "ddp",
             "target": TARGETS[target],
             "guide": {"name": "resnet18"},
             "data": {"name": "synthetic", "synthetic_samples": 256, "synthetic_size": 16},
-            "guidance": {"batch": batch},
+            "guidance": {"batch": batch, "metric": metric},
             "train": {"batch_size": BATCH, "device": "cpu", "threads": 1},
         }
     )
@@ -122,6 +123,8 @@ def replicated():
         for target in TARGETS
         for batch in ("global", "local")
     }
+    for metric in PAIRED_METRICS:
+        configs[("fcn", "global", metric)] = config_to_dict(_config("fcn", "global", metric))
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_replica, args=(free_port(), configs, results), nprocs=REPLICAS, join=True)
@@ -146,6 +149,14 @@ def test_whole_batch_guidance_gives_the_single_process_loss_and_gradients(replic
     task = sum(replica["task"] for replica in replicas) / REPLICAS
     assert abs(task - single["task"]) < TOLERANCE
     assert replicas[0]["grads"].keys() == single["grads"].keys()
+
+
+@pytest.mark.parametrize("metric", PAIRED_METRICS)
+def test_paired_metrics_from_the_whole_batch_gram_give_the_single_process_step(replicated, metric):
+    single = _guided_step(_config("fcn", "global", metric))
+    for replica in replicated[("fcn", "global", metric)]:
+        assert abs(replica["guidance"] - single["guidance"]) < TOLERANCE
+        assert _max_difference(replica["grads"], single["grads"]) < TOLERANCE
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guidance_tune.config import GuidanceConfig, ModelConfig
-from guidance_tune.guidance.alignment import METRICS
+from guidance_tune.guidance.alignment import METRICS, get_metric
 from guidance_tune.guidance.layers import LayerCapture
 from guidance_tune.guidance.term import Guidance, LogitDistillation
 from guidance_tune.models import create_model
@@ -160,6 +160,28 @@ def test_each_pair_gets_the_metric_of_its_own_two_layers(metric):
     ]
     assert list(similarities.values()) == pytest.approx(expected, abs=1e-5)
     assert loss.item() == pytest.approx(sum(1 - e for e in expected), abs=1e-4)
+
+
+def test_ridge_guidance_fits_with_the_configured_penalty():
+    target, guide = _fcn(), _resnet18()
+    x, _ = _batch()
+    similarities = {}
+    for ridge_lambda in (0.01, 10.0):
+        config = GuidanceConfig(metric="ridge", ridge_lambda=ridge_lambda)
+        guidance = Guidance(target, guide, sample_input=x[:2], config=config)
+        raw_target = LayerCapture(target, [guidance.pairs[0][0]], torch.Tensor.detach)
+        raw_guide = LayerCapture(guide, [guidance.pairs[0][1]], torch.Tensor.detach)
+        target.train()
+        torch.manual_seed(0)  # the same dropout masks for both penalties
+        guidance(x, target(x))
+        similarities[ridge_lambda] = next(iter(guidance.pop_similarities().values()))
+        expected = get_metric("ridge", ridge_lambda)(
+            raw_target.captured[guidance.pairs[0][0]], raw_guide.captured[guidance.pairs[0][1]]
+        )
+        assert similarities[ridge_lambda] == pytest.approx(expected.item(), abs=1e-5)
+        for hooks in (guidance, raw_target, raw_guide):
+            hooks.remove()
+    assert similarities[0.01] > similarities[10.0]  # a larger penalty fits less
 
 
 def test_guidance_raises_alignment_of_the_mapped_layers():

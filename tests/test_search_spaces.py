@@ -108,6 +108,19 @@ def test_trained_guide_weights_adds_a_trained_versus_untrained_guide_choice():
     assert all("guide.weights" not in params for params, _ in sample("guidance", n=30))
 
 
+def test_ridge_lambda_is_searched_in_guided_runs_of_a_ridge_base_run():
+    base = set_fields(BASE, {"guidance.metric": "ridge"})
+    samples = sample("guidance", n=30, base=base, ridge_lambda=[0.1, 10.0], lr=[1e-4, 1e-2])
+    for params, constants in samples:
+        guided = kind(params, constants) == "alignment"
+        assert ("guidance.ridge_lambda" in params) == guided
+        if guided:
+            assert 0.1 <= params["guidance.ridge_lambda"] <= 10.0
+            config = parse_run_config(set_fields(base, {**params, **constants}))
+            assert config.guidance.ridge_lambda == params["guidance.ridge_lambda"]
+    assert all("guidance.ridge_lambda" not in params for params, _ in sample("guidance", n=30))
+
+
 def test_method_space_tunes_temperature_for_distillation_only():
     samples = sample("method", **OPTIONS["method"])
     assert {params["guidance.kind"] for params, _ in samples} == {
@@ -169,6 +182,8 @@ def test_a_misspelt_space_name_suggests_the_registered_one():
         ("batch_sizes", [0, 64]),
         ("batch_sizes", [64, 64]),
         ("trained_guide_weights", ""),
+        ("ridge_lambda", [1.0, 0.1]),
+        ("ridge_lambda", [0.1, 1.0]),  # the base run's metric is cka, not ridge
     ],
 )
 def test_bad_options_are_refused_naming_the_option(option, value):

@@ -70,6 +70,23 @@ def test_a_short_guided_run_reduces_task_and_guidance_loss():
     assert last["train/guidance_loss"] < first["train/guidance_loss"]
 
 
+@pytest.mark.parametrize("metric", ["ridge", "procrustes"])
+def test_a_guided_run_with_a_paired_metric_trains_and_logs_its_similarities(metric):
+    config = tiny_config(
+        guidance={"metric": metric},
+        train={"epochs": 2, "max_steps_per_epoch": None, "batch_size": 64},
+        target={"kwargs": {"depth": 4, "first_width": 64, "width": 64, "dropout": 0.0}},
+    )
+    result = train(config)
+    first, last = result.history[0], result.history[-1]
+    assert result.status == "finished"
+    assert all(math.isfinite(m["train/guidance_loss"]) for m in result.history)
+    assert last["train/guidance_loss"] < first["train/guidance_loss"]
+    assert last["train/task_loss"] < first["train/task_loss"]
+    per_pair = [v for k, v in last.items() if k.startswith(f"train/{metric}/")]
+    assert len(per_pair) == 4 and all(0 <= v <= 1 for v in per_pair)
+
+
 def test_every_epoch_reports_the_metrics_a_study_needs():
     recorder = Recorder()
     train(tiny_config(train={"epochs": 2}), recorder)

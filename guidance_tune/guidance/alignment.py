@@ -1,7 +1,7 @@
 """Representational similarity metrics as pure tensor functions, all in Gram form.
 
-Every metric here factors as ``similarity(x, y) = <R(x), R(y)>_F`` where ``R`` maps a batch of
-activations to a unit-Frobenius-norm ``(b, b)`` fp32 matrix:
+Three metrics factor as ``similarity(x, y) = <R(x), R(y)>_F`` where ``R`` maps a batch of
+activations to a unit-Frobenius-norm ``(b, b)`` fp32 matrix (:class:`Metric`):
 
 - ``cka`` (the paper's biased linear CKA, Kornblith et al. 2019): ``R = C(K) / ||C(K)||`` with
   ``K = X X^T`` and ``C`` the double centring of the b x b matrix (no centred b x d copy);
@@ -16,16 +16,29 @@ Grams, so every layer of a network is centred and normalised in one set of batch
 rather than twenty tiny ones per layer. Grams are accumulated and returned in fp32 whatever the
 activation dtype: a bf16 Gram centred afterwards is off by up to 0.14 in CKA on post-ReLU
 features (notes B.4).
+
+Two need both Grams at once (:class:`PairedMetric`), each still finished once per layer on its
+own side and then reduced pair by pair, in float64:
+
+- ``ridge``: R^2 of the ridge fit of the guide's centred activations from the target's, with a
+  penalty relative to the target's scale;
+- ``procrustes``: the orthogonal Procrustes similarity, the nuclear norm of ``Xc^T Yc`` over
+  ``||Xc|| ||Yc||`` (1 when Y is X rotated and scaled; the distance is ``2 - 2`` times it).
+
+:data:`MEASURES` gives all five as functions of two raw Grams, for analysis.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from guidance_tune.config import GuidanceConfig
 
 # Below this share of the raw Gram's norm a centred Gram is fp32 round-off, not signal: such a
 # layer is treated as constant (similarity -> 0, finite gradient) instead of dividing by ~0.
@@ -121,8 +134,34 @@ def rsa_from_gram(k: Tensor) -> Tensor:
     return _unit(deviation, _squared_norm(cosine))
 
 
+class _GramSimilarity:
+    """What both kinds of metric share. The guidance term calls ``target_from_gram`` and
+    ``guide_from_gram`` on stacks of raw Grams, (P, b, b) -> (P, b, b), once per layer, and
+    ``pair`` on the finished stacks of all pairs, (P, b, b) x (P, b, b) -> (P,), in the raw
+    Grams' dtype (fp32, or float64 for float64 activations)."""
+
+    name: str
+    min_batch: int
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size < self.min_batch:
+            raise ValueError(
+                f"metric {self.name!r} needs at least {self.min_batch} samples per batch, got "
+                f"{batch_size}: raise the batch size or pick another metric"
+            )
+
+    def of_grams(self, target: Tensor, guide: Tensor) -> Tensor:
+        """Similarity from the two raw Grams of a pair: (b, b), (b, b) -> scalar."""
+        self.check_batch(target.shape[-1])
+        return self.pair(self.target_from_gram(target[None]), self.guide_from_gram(guide[None]))[0]
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """Similarity of two batches. x: (b, ...) target, y: (b, ...) guide -> scalar."""
+        return self.of_grams(gram(x), gram(y))
+
+
 @dataclass(frozen=True)
-class Metric:
+class Metric(_GramSimilarity):
     """A similarity in factored form: ``similarity(x, y) = <represent(x), represent(y)>``."""
 
     name: str
@@ -133,46 +172,152 @@ class Metric:
         """x: (b, ...) -> (b, b) unit-norm fp32 representation."""
         return self.from_gram(gram(x))
 
-    def check_batch(self, batch_size: int) -> None:
-        if batch_size < self.min_batch:
-            raise ValueError(
-                f"metric {self.name!r} needs at least {self.min_batch} samples per batch, got "
-                f"{batch_size}: raise the batch size or pick another metric"
-            )
+    def target_from_gram(self, k: Tensor) -> Tensor:
+        return self.from_gram(k)
 
-    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
-        """Similarity of two batches. x: (b, ...), y: (b, ...) -> scalar fp32."""
-        self.check_batch(x.shape[0])
-        return (self.represent(x) * self.represent(y)).sum()
+    def guide_from_gram(self, k: Tensor) -> Tensor:
+        return self.from_gram(k)
 
-    def of_grams(self, k: Tensor, g: Tensor) -> Tensor:
-        """Similarity of two batches from their raw Grams. k, g: (..., b, b) -> (...)."""
-        self.check_batch(k.shape[-1])
-        return (self.from_gram(k) * self.from_gram(g)).sum((-2, -1))
+    def pair(self, target: Tensor, guide: Tensor) -> Tensor:
+        return paired_similarities(target, guide)
 
 
-METRICS: dict[str, Metric] = {
+@dataclass(frozen=True)
+class PairedMetric(_GramSimilarity):
+    """A similarity that needs both Grams of a pair at once: each side's Grams are finished
+    once per layer, then ``pair`` reduces the two finished stacks, every pair in one call."""
+
+    name: str
+    target_from_gram: Callable[[Tensor], Tensor]
+    guide_from_gram: Callable[[Tensor], Tensor]
+    pair: Callable[[Tensor, Tensor], Tensor]
+    min_batch: int
+
+
+def _trace(m: Tensor) -> Tensor:
+    """(..., b, b) -> (...,)"""
+    return torch.diagonal(m, dim1=-2, dim2=-1).sum(-1)
+
+
+def unit_trace_center(k: Tensor) -> Tensor:
+    """Centred Grams in float64 divided by their trace, ``||Xc||^2``, floored like
+    :func:`_unit` relative to the raw trace: a constant layer gives a zero matrix with a finite
+    gradient. k: (..., b, b) raw -> (..., b, b) float64."""
+    k = k.double()
+    centred = center(k)
+    floor = _RELATIVE_FLOOR * _trace(k).detach() + _ABSOLUTE_FLOOR
+    return centred / torch.maximum(_trace(centred), floor)[..., None, None]
+
+
+def ridge_target_from_gram(k: Tensor) -> Tensor:
+    """Centred Grams scaled to mean eigenvalue 1, ``b Kc / tr(Kc)``, in the raw Grams' dtype:
+    the relative penalty ``ridge_lambda * tr(Kc) / b`` is then ``ridge_lambda`` itself."""
+    return (k.shape[-1] * unit_trace_center(k)).to(k.dtype)
+
+
+def ridge_r2(target: Tensor, guide: Tensor, ridge_lambda: float) -> Tensor:
+    """R^2 of the ridge fit of the guide's activations from the target's, all pairs at once.
+
+    target: (P, b, b) from :func:`ridge_target_from_gram`; guide: (P, b, b) unit-trace centred
+    Grams -> (P,) in the target's dtype, computed in float64. The fit of Yc from Xc with
+    penalty lam has fitted values ``Xc (Xc^T Xc + lam I)^-1 Xc^T Yc = Kc (Kc + lam I)^-1 Yc``
+    (push-through identity), so the residual is
+    ``(I - Kc (Kc + lam I)^-1) Yc = lam M^-1 Yc`` with ``M = Kc + lam I`` and
+    ``R^2 = 1 - ||lam M^-1 Yc||^2 / ||Yc||^2 = tr(L) - lam^2 tr(M^-2 L)`` for ``L = Lc / tr(Lc)``
+    (0, not 1, for a constant guide layer). M >= lam I, so its Cholesky factor always exists.
+    """
+    eye = torch.eye(target.shape[-1], dtype=torch.float64, device=target.device)
+    factor = torch.linalg.cholesky(target.double() + ridge_lambda * eye)
+    twice_solved = torch.cholesky_solve(torch.cholesky_solve(guide, factor), factor)
+    return (_trace(guide) - ridge_lambda**2 * _trace(twice_solved)).to(target.dtype)
+
+
+def ridge(ridge_lambda: float) -> PairedMetric:
+    """The ridge metric with penalty ``ridge_lambda * tr(Kc) / b``."""
+    return PairedMetric(
+        "ridge",
+        ridge_target_from_gram,
+        unit_trace_center,
+        functools.partial(ridge_r2, ridge_lambda=ridge_lambda),
+        min_batch=2,
+    )
+
+
+def _kept_eigenvalues(values: Tensor, gram_dtype: torch.dtype) -> Tensor:
+    """Which eigenvalues of PSD matrices are signal: above the usual rank tolerance, b * eps
+    of the Grams' dtype times the largest. Below it they are round-off, whose square roots
+    would add to a nuclear norm and, with a gradient of 1 / (2 sqrt(value)), blow up."""
+    largest = values.detach().amax(-1, keepdim=True)
+    tolerance = values.shape[-1] * torch.finfo(gram_dtype).eps * largest + _ABSOLUTE_FLOOR
+    return values > tolerance
+
+
+def procrustes_guide_from_gram(k: Tensor) -> Tensor:
+    """The square root of the unit-trace centred Gram, by eigh, without gradient (the guide
+    needs none, and eigenvectors of repeated eigenvalues have none). (..., b, b) -> float64."""
+    with torch.no_grad():
+        values, vectors = torch.linalg.eigh(unit_trace_center(k))
+        roots = torch.where(_kept_eigenvalues(values, k.dtype), values.clamp(min=0).sqrt(), 0)
+        return (vectors * roots[..., None, :]) @ vectors.mT
+
+
+def procrustes_pair(target: Tensor, guide: Tensor) -> Tensor:
+    """``||Xc^T Yc||_* / (||Xc|| ||Yc||)`` for all pairs at once.
+
+    target: (P, b, b) unit-trace centred Grams in the raw Grams' dtype (its round-off sets the
+    tolerance); guide: (P, b, b) from :func:`procrustes_guide_from_gram` -> (P,) in the
+    target's dtype, computed in float64. The nuclear norm is ``tr((K^1/2 L K^1/2)^1/2)``;
+    ``L^1/2 K L^1/2`` has the same nonzero eigenvalues and takes the square root on the guide's
+    side, so the target's gradient goes through eigenvalues only (eigvalsh: no 1 / (difference
+    of eigenvalues) terms, finite for the repeated zero eigenvalues of a rank-deficient Gram,
+    b > d).
+    """
+    product = guide @ target.double() @ guide
+    values = torch.linalg.eigvalsh((product + product.mT) / 2)
+    kept = _kept_eigenvalues(values, target.dtype)
+    # a dropped eigenvalue's square root is taken of 1, so its zero gradient is not 0 * inf
+    roots = torch.where(kept, torch.where(kept, values, 1.0).sqrt(), 0)
+    return roots.sum(-1).to(target.dtype)
+
+
+def procrustes_target_from_gram(k: Tensor) -> Tensor:
+    """Unit-trace centred Grams, in the raw Grams' dtype."""
+    return unit_trace_center(k).to(k.dtype)
+
+
+METRICS: dict[str, Metric | PairedMetric] = {
     "cka": Metric("cka", cka_from_gram, min_batch=2),
     "debiased_cka": Metric("debiased_cka", debiased_cka_from_gram, min_batch=4),
     "rsa": Metric("rsa", rsa_from_gram, min_batch=3),
+    "ridge": ridge(GuidanceConfig.model_fields["ridge_lambda"].default),
+    "procrustes": PairedMetric(
+        "procrustes",
+        procrustes_target_from_gram,
+        procrustes_guide_from_gram,
+        procrustes_pair,
+        min_batch=2,
+    ),
 }
 
 linear_cka = METRICS["cka"]
 debiased_cka = METRICS["debiased_cka"]
 rsa = METRICS["rsa"]
 
-
-# What ``guidance-tune analyze`` reports for every mapped pair: name -> f(K, G), the similarity
-# of two batches from their raw (uncentred) Grams ``(b, b)``, K the target's and G the guide's.
-# Any measure added here is analysed, chance baseline included, with no other change.
 MEASURES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     name: metric.of_grams for name, metric in METRICS.items()
 }
+"""Every metric as an analysis measure of two raw Grams: ``MEASURES[name](k, l)`` with
+``k = X X^T`` of the target (for ridge, the predictor) and ``l = Y Y^T`` of the guide, both
+(b, b), gives the similarity as a scalar in the Grams' dtype (ridge: R^2 at the config's default
+``ridge_lambda``). Grams from a gathered batch (:mod:`.gather`) work alike."""
 
 
-def get_metric(name: str) -> Metric:
+def get_metric(name: str, ridge_lambda: float | None = None) -> Metric | PairedMetric:
+    """The metric called ``name``; ``ridge_lambda`` sets ridge's relative penalty."""
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r}: choose one of {sorted(METRICS)}")
+    if name == "ridge" and ridge_lambda is not None:
+        return ridge(ridge_lambda)
     return METRICS[name]
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from guidance_tune.config import ConfigError, GuidanceConfig
-from guidance_tune.guidance.alignment import get_metric, gram, paired_similarities
+from guidance_tune.guidance.alignment import get_metric, gram
 from guidance_tune.guidance.gather import gathered_gram, replicas
 from guidance_tune.guidance.layers import LayerCapture, build_pairs, discover_layers
 
@@ -194,7 +194,7 @@ class Guidance(GuideTerm):
         (:class:`~guidance_tune.layers.LayerCapture`); padding is zeroed in both networks."""
         super().__init__(guide, config or GuidanceConfig())
         self.target = target
-        self.metric = get_metric(self.config.metric)
+        self.metric = get_metric(self.config.metric, self.config.ridge_lambda)
         self.pairs = mapped_pairs(target, guide, sample_input, self.config)
         self._target_layers = list(dict.fromkeys(t for t, _ in self.pairs))
         self._guide_layers = list(dict.fromkeys(g for _, g in self.pairs))
@@ -247,7 +247,7 @@ class Guidance(GuideTerm):
                 "train mode with gradients enabled before guidance(x)"
             )
         target_reps = self._pair_representations("target", self._target_layers, captured)
-        similarities = paired_similarities(target_reps, guide_output)
+        similarities = self.metric.pair(target_reps, guide_output)
         self._accumulate(similarities.detach())
         self._target_capture.clear()
         return (1.0 - similarities).sum()
@@ -257,7 +257,8 @@ class Guidance(GuideTerm):
     ) -> Tensor:
         """Each layer's Gram finished once, in one batched call, then one row per pair:
         (P, b, b). A layer met by several pairs is finished once."""
-        representations = self.metric.from_gram(torch.stack([grams[name] for name in layers]))
+        finish = self.metric.target_from_gram if side == "target" else self.metric.guide_from_gram
+        representations = finish(torch.stack([grams[name] for name in layers]))
         rows = self._pair_rows[side]
         if rows is None:
             return representations
