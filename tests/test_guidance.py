@@ -6,7 +6,8 @@ from torch import nn
 from guidance_tune.config import GuidanceConfig, ModelConfig
 from guidance_tune.guidance.alignment import METRICS
 from guidance_tune.guidance.layers import LayerCapture
-from guidance_tune.guidance.term import Guidance, LogitDistillation, guide_mode
+from guidance_tune.guidance.modes import guide_mode
+from guidance_tune.guidance.term import Guidance, LogitDistillation
 from guidance_tune.models import create_model
 
 SHAPE = {"in_channels": 1, "image_size": 16, "num_classes": 10}

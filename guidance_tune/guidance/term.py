@@ -27,6 +27,7 @@ from guidance_tune.config import ConfigError, GuidanceConfig
 from guidance_tune.guidance.alignment import get_metric, gram, paired_similarities
 from guidance_tune.guidance.gather import gathered_gram, replicas
 from guidance_tune.guidance.layers import LayerCapture, build_pairs, discover_layers
+from guidance_tune.guidance.modes import eval_mode, guide_mode
 
 
 def make_noise(like: Tensor, kind: str) -> Tensor:
@@ -45,47 +46,6 @@ def make_noise(like: Tensor, kind: str) -> Tensor:
     if kind == "normal":
         return torch.randn_like(like)
     raise ValueError(f"unknown noise {kind!r}: choose clamped_gaussian or normal")
-
-
-# Modules whose train mode changes nothing but dropout: their own (a Dropout layer's, attention's
-# on its weights, an RNN's between layers), or an encoder layer's fused eval path, which skips it.
-DROPOUT_MODULES = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.MultiheadAttention,
-    nn.RNNBase,
-    nn.TransformerEncoderLayer,
-)
-
-
-def guide_mode(guide: nn.Module, *, dropout: bool) -> nn.Module:
-    """``guide`` in eval mode; with ``dropout``, its :data:`DROPOUT_MODULES` in train mode, as the
-    authors' sequence guides run (guidance-method.md A.4), BatchNorm and the rest still in eval,
-    so masks are drawn from the global RNG but no running statistic moves."""
-    guide.eval()
-    if dropout:
-        for module in guide.modules():
-            if isinstance(module, DROPOUT_MODULES):
-                module.training = True
-    return guide
-
-
-@contextmanager
-def _eval_mode(*models: nn.Module):
-    """Layer discovery must not update BatchNorm statistics or draw dropout masks."""
-    modes = [[m.training for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, flags in zip(models, modes, strict=True):
-            for module, flag in zip(model.modules(), flags, strict=True):
-                module.training = flag
 
 
 def _pair_rows(pair_layers: list[str], layers: list[str]) -> list[int] | None:
@@ -213,7 +173,7 @@ class Guidance(GuideTerm):
         self.metric = get_metric(self.config.metric)
         if not self.config.pad_masking:
             valid_positions = None
-        with _eval_mode(target, guide):
+        with eval_mode(target, guide):
             target_layers = [layer.name for layer in discover_layers(target, sample_input)]
             guide_layers = [layer.name for layer in discover_layers(guide, sample_input)]
         self.pairs = build_pairs(
@@ -371,7 +331,7 @@ def build_guide_term(
 def _check_logit_shapes(target: nn.Module, guide: nn.Module, sample_input: Tensor) -> None:
     """Distillation compares logits; a guide built for another class count is the config's
     mistake, so say so before training starts rather than at its first step."""
-    with _eval_mode(target, guide), torch.no_grad():
+    with eval_mode(target, guide), torch.no_grad():
         target_shape, guide_shape = target(sample_input).shape, guide(sample_input).shape
     if target_shape != guide_shape:
         raise ConfigError(
