@@ -60,6 +60,17 @@ class ModelConfig(StrictModel):
     )
 
 
+class GuideConfig(ModelConfig):
+    """The guide: built like the target, frozen, and run as ``train_mode`` says."""
+
+    train_mode: bool = Field(
+        default=False,
+        description="true: the guide's dropout (Dropout layers, attention and RNN dropout) runs "
+        "in train mode, as in the authors' sequence guides, which are never put in eval(); "
+        "BatchNorm and all else stay in eval and the guide stays frozen. false: all in eval",
+    )
+
+
 # Where a dataset is read from when data.root is not set.
 DEFAULT_DATA_ROOTS = {
     "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
@@ -205,6 +216,13 @@ class GuidanceConfig(StrictModel):
     guide_inputs: Literal["data", "noise"] = Field(
         default="data", description="noise: the guide sees noise, the target real data (authors)"
     )
+    pad_masking: bool = Field(
+        default=True,
+        description="zero the padded positions of token sequences (parity's pad token, "
+        "copy-paste after EOS) in both networks' activations before the Gram, so a batch "
+        "compares the same whatever length it was padded to; false: the authors' code, which "
+        "compares padded positions as they are",
+    )
     temperature: float = Field(default=4.0, gt=0, description="distillation softmax temperature")
     batch: Literal["global", "local"] = Field(
         default="global",
@@ -325,7 +343,7 @@ class RunConfig(StrictModel):
         default="run", description="letters, digits, '_', '.' and '-', from a letter or digit"
     )
     target: ModelConfig = Field(default_factory=lambda: ModelConfig(name="deep_fcn"))
-    guide: ModelConfig | None = Field(default_factory=lambda: ModelConfig(name="resnet18"))
+    guide: GuideConfig | None = Field(default_factory=lambda: GuideConfig(name="resnet18"))
     data: DataConfig = Field(default_factory=DataConfig)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     noise_warmup: NoiseWarmupConfig = Field(default_factory=NoiseWarmupConfig)

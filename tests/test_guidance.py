@@ -6,6 +6,7 @@ from torch import nn
 from guidance_tune.config import GuidanceConfig, ModelConfig
 from guidance_tune.guidance.alignment import METRICS, get_metric
 from guidance_tune.guidance.layers import LayerCapture
+from guidance_tune.guidance.modes import guide_mode
 from guidance_tune.guidance.term import Guidance, LogitDistillation
 from guidance_tune.models import create_model
 
@@ -272,3 +273,57 @@ def test_distillation_from_an_identical_guide_costs_nothing():
     loss = other(x, target(x))
     assert loss.item() > 0
     assert loss.requires_grad
+
+
+def _dropout_fcn_guide(seed=1):
+    """A guide with BatchNorm and dropout in every block, pretrained-looking BN statistics."""
+    spec = ModelConfig(name="deep_fcn", kwargs={"depth": 4, "first_width": 32, "width": 16})
+    guide = create_model(spec, seed=seed, **SHAPE)
+    for module in guide.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    return guide
+
+
+def test_a_guide_with_train_mode_dropout_draws_masks_but_its_batchnorm_stays_in_eval():
+    target, guide = _fcn(), _dropout_fcn_guide()
+    before = {k: v.clone() for k, v in guide.state_dict().items()}
+    x, _ = _batch()
+    rng = torch.get_rng_state()
+    term = Guidance(target, guide, sample_input=x[:2], guide_dropout=True)
+    assert torch.equal(torch.get_rng_state(), rng)  # layers found in eval: no mask drawn
+    first, second = term._guide_pass(x), term._guide_pass(x)
+    assert not torch.allclose(first, second)  # a fresh dropout mask each pass
+    torch.manual_seed(3)
+    again = term._guide_pass(x)
+    torch.manual_seed(3)
+    assert torch.equal(term._guide_pass(x), again)  # the masks come from the run's RNG
+    _guided_steps(target, term, steps=2)
+    after = guide.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics never move
+    assert not any(p.requires_grad or p.grad is not None for p in guide.parameters())
+    dropouts = [m for m in guide.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(m.training for m in dropouts)
+    assert not any(m.training for m in guide.modules() if not isinstance(m, nn.Dropout))
+
+
+def test_by_default_the_guide_runs_wholly_in_eval_and_its_passes_repeat_exactly():
+    target, guide = _fcn(), _dropout_fcn_guide()
+    x, _ = _batch()
+    term = Guidance(target, guide, sample_input=x[:2])
+    assert torch.equal(term._guide_pass(x), term._guide_pass(x))
+    assert not any(m.training for m in guide.modules())
+
+
+@pytest.mark.parametrize(
+    "module", [nn.MultiheadAttention(8, 2, dropout=0.5), nn.RNN(8, 8, 2, dropout=0.5)]
+)
+def test_train_mode_reaches_the_dropout_inside_attention_and_rnns(module):
+    """The authors' Transformer guides drop attention weights too: that dropout is the module's
+    own train flag, not a Dropout layer's."""
+    guide = nn.ModuleDict({"linear": nn.Linear(8, 8), "norm": nn.BatchNorm1d(8), "inner": module})
+    guide_mode(guide, dropout=True)
+    assert module.training and not guide["norm"].training and not guide["linear"].training
+    guide_mode(guide, dropout=False)
+    assert not any(m.training for m in guide.modules())

@@ -33,8 +33,8 @@ def test_an_unguided_run_with_a_noise_warmup_keeps_its_guide():
         ({}, ["guidance.metric", "guidance.weight"], ["guidance.temperature", "guidance.pairs"]),
         (
             {"guidance": {"kind": "distillation"}},
-            ["guidance.temperature", "guidance.weight"],
-            ["guidance.metric", "guidance.mapping"],
+            ["guidance.temperature", "guidance.weight", "guide.train_mode"],
+            ["guidance.metric", "guidance.mapping", "guidance.pad_masking"],
         ),
         ({}, ["optim.optimizer"], ["optim.momentum", "optim.step_epochs", "noise_warmup.inputs"]),
         (

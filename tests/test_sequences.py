@@ -1,6 +1,7 @@
 """The sequence tasks on the CPU: copy-paste and parity data, the token task, the five sequence
 models with and without a guide, the authors' layer pairs, and padding in CKA."""
 
+import itertools
 import re
 
 import mlflow
@@ -9,7 +10,13 @@ import torch
 import yaml
 
 from guidance_tune.cli.main import main
-from guidance_tune.config import DataConfig, GuidanceConfig, ModelConfig, parse_run_config
+from guidance_tune.config import (
+    DataConfig,
+    GuidanceConfig,
+    ModelConfig,
+    parse_run_config,
+    with_changes,
+)
 from guidance_tune.data.sequences import (
     COPY,
     EOS,
@@ -21,15 +28,18 @@ from guidance_tune.data.sequences import (
 )
 from guidance_tune.data.splits import load_data
 from guidance_tune.data.tasks import TASKS, task_of
-from guidance_tune.guidance.layers import build_pairs, discover_layers
+from guidance_tune.guidance.alignment import gram
+from guidance_tune.guidance.layers import LayerCapture, build_pairs, discover_layers, zero_padding
 from guidance_tune.guidance.term import Guidance, make_noise
 from guidance_tune.models import create_model
 from guidance_tune.study.config import parse_study_config
 from guidance_tune.study.launch import launch
 from guidance_tune.tracking.results import find_study
-from guidance_tune.training.loop import build_run, fit, guided_loss
+from guidance_tune.training.checkpoint import load_checkpoint, save_checkpoint
+from guidance_tune.training.loop import build_run, fit, guided_loss, train
 
 from .test_study import assert_the_winner_is_a_registered_model
+from .test_train import TIMING_KEYS, Recorder
 
 SMALL = {
     "rnn_lm": {"embed_dim": 16, "hidden_size": 24},
@@ -249,14 +259,16 @@ def test_every_sequence_model_trains_unguided(dataset, model):
     assert {"val/loss", f"val/{score}", f"best/{score}"} <= set(result.final)
 
 
-def parity_term(valid_positions):
-    """An untrained parity pair without dropout (deterministic in train mode), its term."""
+def parity_term(pad_masking=True):
+    """An untrained parity pair without dropout (deterministic in train mode), its term, given
+    the data's padding as a run gives it."""
     shape = {"in_channels": 3, "image_size": 20, "num_classes": 2}
     target_spec = ModelConfig(**small_model("parity_transformer", dropout=0.0))
     target = create_model(target_spec, seed=0, **shape).train()
     guide = create_model(ModelConfig(**small_model("parity_rnn")), seed=1, **shape)
     sample = torch.zeros(2, 20, dtype=torch.long)
-    term = Guidance(target, guide, sample, GuidanceConfig(), valid_positions=valid_positions)
+    config = GuidanceConfig(pad_masking=pad_masking)
+    term = Guidance(target, guide, sample, config, valid_positions=parity_positions)
     return target, term
 
 
@@ -266,18 +278,119 @@ def similarity(target, term, tokens):
     return term.pop_similarities()["layers.0.self_attn:rnn"]
 
 
-def test_padding_adds_nothing_to_cka_where_it_is_masked():
-    """The same bit strings padded to 20 positions and to their longest (9) compare the same:
-    every padded position is zeroed in both networks. Unmasked, the extra padding moves CKA
-    (the encoder's outputs at padded positions are not zero)."""
+def padded_bits():
+    """16 bit strings of 3-9 bits, padded to their longest (9) and to 20 positions."""
     tokens, _, _ = parity_examples(16, (3, 9), torch.Generator().manual_seed(0))
     assert tokens.shape[1] == 9
     wide = torch.full((16, 20), PARITY_PAD)
     wide[:, :9] = tokens
-    masked = [similarity(*parity_term(parity_positions), batch) for batch in (tokens, wide)]
+    return tokens, wide
+
+
+def test_padding_adds_nothing_to_cka_where_it_is_masked():
+    """The same bit strings padded to 20 positions and to their longest (9) compare the same:
+    every padded position is zeroed in both networks. Unmasked (``pad_masking: false``, the
+    authors'), the extra padding moves CKA (the encoder's outputs at padded positions are not
+    zero)."""
+    tokens, wide = padded_bits()
+    masked = [similarity(*parity_term(), batch) for batch in (tokens, wide)]
     assert masked[0] == pytest.approx(masked[1], abs=1e-6)
-    unmasked = [similarity(*parity_term(None), batch) for batch in (tokens, wide)]
+    unmasked = [similarity(*parity_term(pad_masking=False), batch) for batch in (tokens, wide)]
     assert abs(unmasked[0] - unmasked[1]) > 1e-3
+
+
+def test_without_pad_masking_the_gram_is_of_the_activations_as_the_model_gave_them():
+    _, wide = padded_bits()
+    grams = {}
+    for pad_masking in (True, False):
+        target, term = parity_term(pad_masking)
+        raw = LayerCapture(target, ["layers.0.self_attn"], torch.Tensor.detach)
+        target(wide)
+        grams[pad_masking] = term._target_capture.captured["layers.0.self_attn"]
+        activation = raw.captured["layers.0.self_attn"]  # (16, 20, d), the same in both builds
+    assert torch.allclose(grams[False], gram(activation), atol=1e-5)
+    masked = zero_padding(activation, parity_positions(wide))
+    assert torch.allclose(grams[True], gram(masked), atol=1e-5)
+    assert not torch.allclose(grams[True], grams[False], atol=1e-3)
+
+
+def rnn_states(model, tokens):
+    """Each RNN layer's initial state as given (None: zeros) and its final state."""
+    seen = []
+    for rnn in model.rnns:
+        rnn.register_forward_hook(lambda m, args, out: seen.append((args[1], out[1])))
+    model(tokens)
+    return seen
+
+
+def copy_paste_rnn(chained_states=False):
+    shape = {"in_channels": VOCAB_SIZE, "image_size": 12, "num_classes": VOCAB_SIZE}
+    spec = ModelConfig(**small_model("rnn_lm", chained_states=chained_states))
+    tokens = torch.randint(0, 10, (3, 12), generator=torch.Generator().manual_seed(0))
+    return create_model(spec, seed=0, **shape), tokens
+
+
+def test_chained_states_start_each_rnn_layer_from_the_final_state_of_the_one_below():
+    chained, tokens = copy_paste_rnn(chained_states=True)
+    states = rnn_states(chained.train(), tokens)
+    assert len(states) == 4 and states[0][0] is None
+    for (_, below), (initial, _) in itertools.pairwise(states):
+        assert initial is below and initial.requires_grad  # the same forward's graph
+    default, _ = copy_paste_rnn()
+    assert all(initial is None for initial, _ in rnn_states(default, tokens))  # zero states
+
+
+def test_chained_states_let_the_upper_layers_see_future_tokens():
+    """Why they are off by default: with them the first position's logits depend on the last
+    token, which a language model is asked to predict."""
+    for chained in (False, True):
+        model, tokens = copy_paste_rnn(chained_states=chained)
+        later = tokens.clone()
+        later[:, -1] = (later[:, -1] + 1) % 10
+        with torch.no_grad():
+            first, first_later = model(tokens)[:, 0], model(later)[:, 0]
+        assert torch.equal(first, first_later) != chained, chained
+
+
+# The authors' protocol, one switch at a time, on the copy-paste pair (padding after EOS, a
+# Transformer guide with dropout 0.1, an RNN target).
+AUTHORS_SWITCHES = {
+    "pad_masking": {"guidance.pad_masking": False},
+    "train_mode": {"guide.train_mode": True},
+    "chained_states": {"target.kwargs.chained_states": True},
+}
+
+
+@pytest.fixture(scope="module")
+def default_copy_paste_run():
+    return fit(build_run(small_run())).final
+
+
+@pytest.mark.parametrize("switch", sorted(AUTHORS_SWITCHES))
+def test_each_authors_switch_runs_a_guided_copy_paste_run_that_differs_from_the_default(
+    switch, default_copy_paste_run
+):
+    default = default_copy_paste_run
+    run = build_run(with_changes(small_run(), AUTHORS_SWITCHES[switch], switch))
+    result = fit(run)
+    assert result.status.value == "finished"
+    assert 0 < result.final["train/guidance_loss"] != default["train/guidance_loss"]
+    assert run.term.guide_dropout == (switch == "train_mode")
+
+
+def test_a_guided_run_with_guide_dropout_resumes_bitwise(tmp_path):
+    """The guide's dropout masks come from the run's RNG, which the checkpoint holds."""
+    config = small_run(train={"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 3})
+    config = with_changes(config, {"guide.train_mode": True}, "guide dropout")
+    uninterrupted = Recorder()
+    train(config, uninterrupted)
+    path = save_checkpoint(uninterrupted.checkpoints[0], tmp_path / "epoch1")
+    resumed = train(config, Recorder(), checkpoint=load_checkpoint(path))
+    untimed = [
+        [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in history]
+        for history in (resumed.history, uninterrupted.metrics)
+    ]
+    assert untimed[0] == untimed[1]
 
 
 def test_token_noise_is_uniform_over_the_batchs_tokens():

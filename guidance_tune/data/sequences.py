@@ -20,7 +20,8 @@ the parity of its bits (1 when the count of ones is odd).
 
 Each task says which positions are padding (:func:`copy_paste_positions`,
 :func:`parity_positions`): guidance zeroes them in both networks before comparing, so a batch's
-similarity does not depend on how far it was padded (:class:`guidance_tune.layers.LayerCapture`).
+similarity does not depend on how far it was padded (:class:`guidance_tune.layers.LayerCapture`;
+``guidance.pad_masking: false`` compares them unmasked, as the authors do).
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ activation is one sample per example, flattened to ``T * H`` features, as the au
 Gram entry of two sequences sums their position-by-position inner products. Where the data
 says which positions are padding (``valid_positions``), those are zeroed in every captured
 activation of both networks before the Gram, so padding adds nothing to a similarity and a
-batch compares the same whatever length it was padded to.
+batch compares the same whatever length it was padded to (``guidance.pad_masking``; the
+authors compare padded positions as they are, which ``pad_masking: false`` reproduces).
 """
 
 from __future__ import annotations

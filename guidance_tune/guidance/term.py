@@ -7,7 +7,8 @@ Three lines in any training loop::
     loss = F.cross_entropy(logits, y) + guidance(x, logits)
 
 The task forward is the captured one (the authors run the target twice), the guide runs once
-under ``no_grad`` in eval mode and keeps only one b x b Gram per hooked layer, and all layers
+under ``no_grad`` in eval mode (its dropout in train mode where ``guide_dropout`` asks, as the
+authors' sequence guides run) and keeps only one b x b Gram per hooked layer, and all layers
 are centred, normalised and paired in a handful of batched operators. Per-pair similarities
 accumulate on the device and are read once per epoch, so a step has no host sync.
 """
@@ -26,6 +27,7 @@ from guidance_tune.config import ConfigError, GuidanceConfig
 from guidance_tune.guidance.alignment import get_metric, gram
 from guidance_tune.guidance.gather import gathered_gram, replicas
 from guidance_tune.guidance.layers import LayerCapture, build_pairs, discover_layers
+from guidance_tune.guidance.modes import eval_mode, guide_mode
 
 
 def make_noise(like: Tensor, kind: str) -> Tensor:
@@ -46,23 +48,9 @@ def make_noise(like: Tensor, kind: str) -> Tensor:
     raise ValueError(f"unknown noise {kind!r}: choose clamped_gaussian or normal")
 
 
-@contextmanager
-def _eval_mode(*models: nn.Module):
-    """Layer discovery must not update BatchNorm statistics or draw dropout masks."""
-    modes = [[m.training for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for model, flags in zip(models, modes, strict=True):
-            for module, flag in zip(model.modules(), flags, strict=True):
-                module.training = flag
-
-
 def hooked_layers(model: nn.Module, sample_input: Tensor) -> list[str]:
     """The model's hookable layer calls, discovered in eval mode (no BatchNorm update)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return [layer.name for layer in discover_layers(model, sample_input)]
 
 
@@ -96,8 +84,12 @@ class GuideTerm(ABC):
     ``prepare``, the term runs the guide itself.
     """
 
-    def __init__(self, guide: nn.Module, config: GuidanceConfig) -> None:
-        self.guide = guide.eval().requires_grad_(False)
+    def __init__(
+        self, guide: nn.Module, config: GuidanceConfig, *, guide_dropout: bool = False
+    ) -> None:
+        """``guide_dropout``: the guide's dropout runs in train mode (``guide.train_mode``)."""
+        self.guide_dropout = guide_dropout
+        self.guide = guide_mode(guide, dropout=guide_dropout).requires_grad_(False)
         self.config = config
         self.step = 0
         self.in_noise_warmup = False
@@ -165,7 +157,7 @@ class GuideTerm(ABC):
         return inputs
 
     def _run_guide(self, inputs: Tensor) -> Tensor:
-        self.guide.eval()
+        guide_mode(self.guide, dropout=self.guide_dropout)
         with torch.no_grad():
             return self.guide(inputs)
 
@@ -189,12 +181,18 @@ class Guidance(GuideTerm):
         sample_input: Tensor,
         config: GuidanceConfig | None = None,
         valid_positions: Callable[[Tensor], Tensor] | None = None,
+        *,
+        guide_dropout: bool = False,
     ) -> None:
         """``valid_positions``: for padded token inputs, which positions are real
-        (:class:`~guidance_tune.layers.LayerCapture`); padding is zeroed in both networks."""
-        super().__init__(guide, config or GuidanceConfig())
+        (:class:`~guidance_tune.layers.LayerCapture`); padding is zeroed in both networks
+        unless ``config.pad_masking`` is off. Layers are found with both networks in eval mode,
+        whatever ``guide_dropout`` says, so discovery draws no dropout mask."""
+        super().__init__(guide, config or GuidanceConfig(), guide_dropout=guide_dropout)
         self.target = target
         self.metric = get_metric(self.config.metric, self.config.ridge_lambda)
+        if not self.config.pad_masking:
+            valid_positions = None
         self.pairs = mapped_pairs(target, guide, sample_input, self.config)
         self._target_layers = list(dict.fromkeys(t for t, _ in self.pairs))
         self._guide_layers = list(dict.fromkeys(g for _, g in self.pairs))
@@ -325,23 +323,27 @@ def build_guide_term(
     *,
     noise_warmup: bool = False,
     valid_positions: Callable[[Tensor], Tensor] | None = None,
+    guide_dropout: bool = False,
 ) -> GuideTerm | None:
     """The term a run's config asks for; None for the unguided baseline. An unguided run with a
-    noise warm-up gets an alignment term that is active only during the warm-up."""
+    noise warm-up gets an alignment term that is active only during the warm-up.
+    ``guide_dropout``: the guide's dropout in train mode (``guide.train_mode``)."""
     if guide is None or (config.kind == "none" and not noise_warmup):
         return None
     if config.kind == "none":
         config = config.model_copy(update={"kind": "alignment", "guided_steps": 0})
     if config.kind == "distillation":
         _check_logit_shapes(target, guide, sample_input)
-        return LogitDistillation(guide, config)
-    return Guidance(target, guide, sample_input, config, valid_positions)
+        return LogitDistillation(guide, config, guide_dropout=guide_dropout)
+    return Guidance(
+        target, guide, sample_input, config, valid_positions, guide_dropout=guide_dropout
+    )
 
 
 def _check_logit_shapes(target: nn.Module, guide: nn.Module, sample_input: Tensor) -> None:
     """Distillation compares logits; a guide built for another class count is the config's
     mistake, so say so before training starts rather than at its first step."""
-    with _eval_mode(target, guide), torch.no_grad():
+    with eval_mode(target, guide), torch.no_grad():
         target_shape, guide_shape = target(sample_input).shape, guide(sample_input).shape
     if target_shape != guide_shape:
         raise ConfigError(

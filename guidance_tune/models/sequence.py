@@ -23,15 +23,28 @@ from guidance_tune.models.registry import register_model
 
 class RNNLM(nn.Module):
     """Embedding, ``num_layers`` stacked single-layer tanh RNNs (each one hooked layer), then a
-    Linear to the vocabulary. Every layer starts from a zero state. The authors hand layer i's
-    final state to layer i + 1 as its initial state; that state has read the whole sequence, so
-    their upper layers see future tokens from the first position, and a language model given
-    it predicts words it has already seen: not offered."""
+    Linear to the vocabulary. Every layer starts from a zero state, for every batch.
+
+    ``chained_states``: the authors' RNN, in which layer i + 1 starts from layer i's final state
+    (within the same forward; the first layer from zeros, and nothing is carried from one batch
+    to the next, so there is no state to reset or checkpoint). That state has read the whole
+    sequence, so the upper layers see future tokens from the first position: a language model
+    given it predicts words it has already read (its perplexity is not a language model's); in
+    copy-paste, whose answers lie in the past, it only hands the upper layers the whole input
+    early. Off by default; on to reproduce the authors.
+    """
 
     def __init__(
-        self, vocab_size: int, num_classes: int, embed_dim: int, hidden_size: int, num_layers: int
+        self,
+        vocab_size: int,
+        num_classes: int,
+        embed_dim: int,
+        hidden_size: int,
+        num_layers: int,
+        chained_states: bool,
     ) -> None:
         super().__init__()
+        self.chained_states = chained_states
         self.embed = nn.Embedding(vocab_size, embed_dim)
         sizes = [embed_dim] + [hidden_size] * num_layers
         self.rnns = nn.ModuleList(
@@ -40,9 +53,10 @@ class RNNLM(nn.Module):
         self.head = nn.Linear(hidden_size, num_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        hidden = self.embed(tokens)
+        hidden, state = self.embed(tokens), None
         for rnn in self.rnns:
-            hidden, _ = rnn(hidden)
+            hidden, final = rnn(hidden, state)  # final: (1, b, H)
+            state = final if self.chained_states else None
         return self.head(hidden)
 
 
@@ -54,9 +68,10 @@ def rnn_lm(
     embed_dim: int = 256,
     hidden_size: int = 512,
     num_layers: int = 4,
+    chained_states: bool = False,
 ) -> nn.Module:
     del image_size  # any length
-    return RNNLM(in_channels, num_classes, embed_dim, hidden_size, num_layers)
+    return RNNLM(in_channels, num_classes, embed_dim, hidden_size, num_layers, chained_states)
 
 
 def sinusoidal_positions(length: int, width: int) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 from guidance_tune.config import RunConfig, config_to_dict
 
 # fields that only the named guidance kind reads
-ALIGNMENT_ONLY = ("metric", "mapping", "pairs", "guide_layers")
+ALIGNMENT_ONLY = ("metric", "mapping", "pairs", "guide_layers", "pad_masking")
 DISTILLATION_ONLY = ("temperature",)
 
 

@@ -173,6 +173,7 @@ def build_run(
         config.guidance,
         noise_warmup=warmup,
         valid_positions=data.valid_positions,
+        guide_dropout=config.guide is not None and config.guide.train_mode,
     )
     optimizer, scheduler = build_optimizer(config, target.parameters())
     run = Run(config, device, data, target, guide, term, optimizer, scheduler)
