@@ -170,6 +170,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from guidance_tune.study.address import ray_address
+
+    address = ray_address(args.address)  # a cluster that is not there is refused in seconds
+
     from guidance_tune.cli.console import guided_vs_unguided, ui_hint
     from guidance_tune.study.checks import smoke
     from guidance_tune.study.launch import launch
@@ -180,7 +184,7 @@ def _launch(args: argparse.Namespace) -> int:
         spec = smoke(spec)
     result = launch(
         spec,
-        address=args.address,
+        address=address,
         tracking_uri=args.tracking_uri,
         resume=args.resume,
         command=args.command,
@@ -278,9 +282,10 @@ def _confirm(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from guidance_tune.config import ConfigError
+    from guidance_tune.study.address import ray_address
     from guidance_tune.study.checks import check_files, check_resources
     from guidance_tune.study.config import ConfirmSettings
-    from guidance_tune.study.launch import confirm, connect, ray_address
+    from guidance_tune.study.launch import confirm, connect
 
     try:  # the bounds of a study file's confirm: section, one rule for both
         settings = ConfirmSettings(top=args.top, seeds=args.seeds)
