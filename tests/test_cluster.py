@@ -3,10 +3,13 @@ takes `ray job submit`) and `mlflow server` on PostgreSQL or SQLite with served 
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -15,6 +18,7 @@ import yaml
 
 from guidance_tune.tracking.view import runs_page
 
+from .factories import RELEASE_FILE
 from .processes import (
     free_port,
     http_ok,
@@ -25,7 +29,7 @@ from .processes import (
     stop,
     wait_until,
 )
-from .test_study import study_dict
+from .test_study import STEPS, scripted_target, study_dict
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -38,16 +42,22 @@ def env():
     return {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "PATH": path}
 
 
-@pytest.fixture(scope="module")
-def two_node_cluster(tmp_path_factory, env):
-    """Yields (Ray address, job submission address)."""
-    logs = tmp_path_factory.mktemp("cluster")
-    port, dashboard_port = free_port(), free_port()
-    # socket paths must stay under 107 bytes; one directory per node, as on separate machines
-    # (a shared one lets a node's clean-up of a job's working dir pull it from under the other)
-    head_temp, worker_temp = tempfile.mkdtemp(prefix="gt-ray-"), tempfile.mkdtemp(prefix="gt-ray-")
-    common = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
+class Cluster:
+    """A loopback Ray cluster of a head and worker nodes, one CPU each, each its own temp dir
+    (as on separate machines: a shared one lets a node's clean-up of a job's working dir pull
+    it from under the other); socket paths must stay under 107 bytes."""
 
+    COMMON = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
+
+    def __init__(self, logs: Path, env) -> None:
+        self.logs, self.env = logs, env
+        logs.mkdir(parents=True, exist_ok=True)
+        self.address = f"127.0.0.1:{free_port()}"
+        self.jobs = f"http://127.0.0.1:{free_port()}"
+        self.nodes: list[subprocess.Popen] = []
+        self.temps: list[str] = []
+
+    @staticmethod
     def own_ports() -> list[str]:
         """A node's agent, metrics and client ports, free ones instead of Ray's fixed defaults:
         a second copy of the suite on this machine (its own cluster) must not take them."""
@@ -55,33 +65,80 @@ def two_node_cluster(tmp_path_factory, env):
         names += ("runtime-env-agent", "ray-client-server")
         return [item for name in names for item in (f"--{name}-port", str(free_port()))]
 
-    dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]
-    head = start(
-        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--temp-dir", head_temp]
-        + dashboard
-        + common
-        + own_ports(),
-        logs / "head.log",
-        env,
-    )
-    address, jobs = f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}"
-    worker = None
-    try:
-        wait_until(lambda: "Ray runtime started" in (logs / "head.log").read_text(), 90, "head")
-        worker = start(
-            [str(BIN / "ray"), "start", "--address", address, "--temp-dir", worker_temp]
-            + common
-            + own_ports(),
-            logs / "worker.log",
-            env,
-        )
-        wait_until(lambda: _node_count(address, env) == 2, 180, "second node")
-        wait_until(lambda: http_ok(f"{jobs}/api/version"), 90, "job submission")
-        yield address, jobs
-    finally:
-        stop(worker, head)
-        for temp in (head_temp, worker_temp):
+    def _start(self, args: list[str]) -> Path:
+        self.temps.append(tempfile.mkdtemp(prefix="gt-ray-"))
+        log = self.logs / f"node-{len(self.nodes)}.log"
+        command = [str(BIN / "ray"), "start", *args, "--temp-dir", self.temps[-1]]
+        self.nodes.append(start(command + self.COMMON + self.own_ports(), log, self.env))
+        return log
+
+    def start_head(self) -> None:
+        port = self.address.rpartition(":")[2]
+        dashboard_port = self.jobs.rpartition(":")[2]
+        dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard_port]
+        log = self._start(["--head", "--port", port, *dashboard])
+        wait_until(lambda: "Ray runtime started" in log.read_text(), 90, "head")
+
+    def add_node(self, alive: int) -> None:
+        """One more worker node; returns once the cluster has ``alive`` nodes."""
+        self._start(["--address", self.address])
+        wait_until(lambda: _node_count(self.address, self.env) == alive, 180, f"node {alive}")
+
+    def kill(self, node: int) -> None:
+        """Node ``node`` lost at once, as a machine is: every process of it, SIGKILL, no
+        clean-up. Its raylet's workers are in process groups of their own, so the tree."""
+        root = self.nodes[node].pid
+        for pid in [root, *_descendants(root)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended meanwhile
+                pass
+        self.nodes[node].wait()
+
+    def stop(self) -> None:
+        stop(*self.nodes)
+        for temp in self.temps:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root``, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [root]
+    while queue:
+        below = children.get(queue.pop(), [])
+        found += below
+        queue += below
+    return found
+
+
+@contextmanager
+def ray_cluster(logs: Path, env) -> Iterator[Cluster]:
+    """A head and one worker node, the head's job submission up."""
+    cluster = Cluster(logs, env)
+    try:
+        cluster.start_head()
+        cluster.add_node(alive=2)
+        wait_until(lambda: http_ok(f"{cluster.jobs}/api/version"), 90, "job submission")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory, env):
+    """Yields (Ray address, job submission address)."""
+    with ray_cluster(tmp_path_factory.mktemp("cluster"), env) as cluster:
+        yield cluster.address, cluster.jobs
 
 
 def _node_count(address: str, env) -> int:
@@ -188,3 +245,51 @@ def test_ray_job_submit_runs_a_study_on_the_cluster(tmp_path, env, mlflow_server
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     assert_both_nodes_logged_the_study(mlflow_server, "submitted")
     assert "best guided best/loss" in submitted.stdout  # the job's output reaches the submitter
+
+
+def test_a_two_worker_trial_that_loses_a_node_goes_on_from_its_checkpoint_in_its_run(
+    tmp_path, env, mlflow_server
+):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        "node-loss",
+        tmp_path,
+        num_trials=1,
+        scheduler={"kind": "fifo"},
+        tracking_uri=mlflow_server,
+        register_model=False,
+        resources={"cpus": 1, "workers": 2},  # one node's CPU each: a worker on each node
+    )
+    # each replica holds mid-epoch 2 until released
+    spec["target"] = scripted_target(markers, hold_at=STEPS + 2)
+    path = tmp_path / "node-loss.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with ray_cluster(tmp_path / "cluster", env) as cluster:
+        launch = ["study", "launch", str(path), "--address", cluster.address]
+        launched = start([str(BIN / "guidance-tune"), *launch], tmp_path / "launch.log", env)
+        try:
+            # a replica held in epoch 2's 2nd step: epoch 1 is logged, its checkpoint reported
+            wait_until(lambda: any(markers.glob("held-*")), 300, "a held replica")
+            cluster.kill(1)  # the worker node, and the replica (or the trial's process) on it
+            lost_ms = int(time.time() * 1000)
+            (markers / RELEASE_FILE).touch()
+            cluster.add_node(alive=2)  # the retry's second worker goes there
+            launched.wait(timeout=600)
+        finally:
+            stop(launched)
+    console = (tmp_path / "launch.log").read_text()
+    assert launched.returncode == 0, console[-3000:]
+    assert "1 trials, 0 failed" in console
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("node-loss")
+    (child,) = client.search_runs([experiment.experiment_id], "tags.`guidance_tune.role` = 'trial'")
+    assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+    assert "error" not in child.data.tags  # the node it lost is not how it ended
+    history = client.get_metric_history(child.info.run_id, "val/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # no epoch lost, none logged twice
+    assert all(m.timestamp > lost_ms for m in history if m.step > 1)  # went on after the loss
+    nodes = {child.data.tags["ray.node_id"]} | {
+        other.split("@")[1] for other in child.data.tags["replicas"].split(",")
+    }
+    assert len(nodes) == 2  # the retry ran on the head and the new node, a worker on each

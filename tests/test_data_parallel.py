@@ -245,7 +245,66 @@ def test_workers_that_do_not_split_the_batch_are_refused(tmp_path, capsys):
     assert "make it a multiple of 3" in capsys.readouterr().err
 
 
-def test_a_study_refuses_data_parallel_trials_with_the_rerun_that_gives_them(capsys):
+def test_a_study_base_naming_other_workers_than_its_resources_is_refused(capsys):
     spec = str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
     assert main(["study", "check", spec, "--set", "train.workers=2"]) == 2
-    assert "rerun RUN_ID --workers N" in capsys.readouterr().err
+    assert "remove train.workers (trials take study.resources.workers)" in capsys.readouterr().err
+
+
+def _two_worker_study(tmp_path, name: str, **study) -> dict:
+    """RUN_YAML as a study whose every trial is 2 workers of 1 CPU: on the tests' 2-CPU Ray a
+    trial starts only once the last one's workers have handed their CPUs back."""
+    return {
+        **copy.deepcopy(RUN_YAML),
+        "name": name,
+        "train": {**RUN_YAML["train"], "epochs": 3, "threads": None},
+        "study": {
+            "space": "guidance",
+            "space_options": {"lr": [1e-3, 0.2], "weight": [0.1, 3.0]},
+            "num_trials": 4,
+            "scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2},
+            "max_concurrent_trials": 1,
+            "resources": {"cpus": 1, "workers": 2},
+            "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "storage_path": str(tmp_path / "ray_results"),
+            **study,
+        },
+    }
+
+
+@pytest.mark.slow
+def test_a_two_worker_asha_study_logs_each_trial_once_as_its_one_process_rerun(
+    ray_local, tmp_path, monkeypatch, capsys
+):
+    from guidance_tune.tracking.results import find_study
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(_two_worker_study(tmp_path, "dp-study")))
+    assert main(["study", "launch", str(path)]) == 0
+    assert "4 trials, 0 failed" in capsys.readouterr().out
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent, children = find_study(uri, "dp-study")
+    assert len(children) == 4  # one MLflow run per trial, not one per worker
+    statuses = [child.data.tags["status"] for child in children]
+    assert all(child.info.status == "FINISHED" for child in children)
+    assert {child.data.params["train.workers"] for child in children} == {"2"}
+    for child in children:  # replica 0 is the trial's process, replica 1 another one
+        (other,) = child.data.tags["replicas"].split(",")
+        assert other.split("@")[0] != child.data.tags["process.pid"]
+    # a stop, then a start: a stopped trial's workers do not hold on to its CPUs (ray#54305)
+    started = sorted(children, key=lambda child: child.info.start_time)
+    assert "stopped" in [child.data.tags["status"] for child in started[:-1]], statuses
+    finished = next(c for c, status in zip(children, statuses, strict=True) if status == "finished")
+    assert main(["rerun", finished.info.run_id, "--quiet", "--workers", "1"]) == 0
+    rerun_id = _last_run_id(uri)
+    trial, alone = _histories(uri, finished.info.run_id), _histories(uri, rerun_id)
+    assert all(len(values) == 3 for values in trial.values())
+    for key, values in trial.items():
+        assert alone[key] == pytest.approx(values, abs=1e-4), key
+
+
+def test_a_study_of_more_workers_than_its_batch_splits_into_is_refused(capsys):
+    spec = str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
+    assert main(["study", "check", spec, "--set", "study.resources.workers=3"]) == 2
+    assert "make it a multiple of 3" in capsys.readouterr().err

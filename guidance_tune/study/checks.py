@@ -102,12 +102,21 @@ def check_resources(spec: StudyConfig) -> None:
             f"study.resources.gpus is {wanted.gpus} but the Ray cluster has no "
             "GPU: set it to 0 (CPU trials) or join a cluster with GPUs (--address)"
         )
-    largest = max(node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"])
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    largest = max(node.get("CPU", 0) for node in nodes)
     if wanted.cpus > largest:
         raise ConfigError(
             f"study.resources.cpus is {wanted.cpus} but no Ray node has more than {largest:g} "
             "CPUs: lower it, or join a larger cluster (--address)"
         )
+    for kind, each in (("CPU", wanted.cpus), ("GPU", wanted.gpus)):
+        total = sum(node.get(kind, 0) for node in nodes)
+        if wanted.workers * each > total:
+            raise ConfigError(
+                f"study.resources.workers {wanted.workers} x {kind.lower()}s {each:g} is more "
+                f"than the Ray cluster's {total:g} {kind}s: lower workers, or join a larger "
+                "cluster (--address)"
+            )
 
 
 def missing_files(spec: StudyConfig) -> ConfigError | None:

@@ -31,10 +31,37 @@ class SchedulerConfig(StrictModel):
 
 
 class ResourcesConfig(StrictModel):
-    cpus: float = Field(default=1.0, gt=0, description="CPUs reserved per trial")
-    gpus: float = Field(
-        default=0.0, ge=0, description="GPUs per trial; 0.25 packs four trials on one GPU"
+    cpus: float = Field(
+        default=1.0, gt=0, description="CPUs reserved per trial (per worker with workers > 1)"
     )
+    gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs per trial (per worker with workers > 1); 0.25 packs four trials on "
+        "one GPU",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        description="data-parallel workers per trial, each with the cpus and gpus above: the "
+        "trial's own process and workers - 1 Ray actors in its placement group, on one node or "
+        "several (placement); train.batch_size stays the global batch. 1: one process",
+    )
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field(
+        default="pack",
+        description="where a trial's workers go (Ray's placement strategies): pack on as few "
+        "nodes as fit, spread over nodes where it can, strict_*: or not at all",
+    )
+
+    @model_validator(mode="after")
+    def _whole_gpus_per_worker(self) -> ResourcesConfig:
+        if self.workers > 1 and self.gpus and not float(self.gpus).is_integer():
+            raise ValueError(
+                f"study.resources.gpus {self.gpus} with workers {self.workers}: each worker of a "
+                "data-parallel trial needs whole GPUs (NCCL refuses two ranks on one GPU); set "
+                "gpus to 1, or workers to 1 to pack trials on a GPU"
+            )
+        return self
 
 
 class ArmConfig(StrictModel):
@@ -233,15 +260,21 @@ class StudyConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _trials_are_one_process(self) -> StudyConfig:
-        """A trial is one process: a base naming more workers would log a config it did not
-        train with."""
-        if self.base.train.workers != 1:
+    def _workers_follow_resources(self) -> StudyConfig:
+        """A trial's workers are in its config too, so its run, its export and a rerun of it
+        say how it trained; a base naming other workers than the resources is refused."""
+        workers, base = self.study.resources.workers, self.base.train
+        if base.workers not in (1, workers):
             raise ValueError(
-                f"train.workers {self.base.train.workers}: a study's trials run as one process "
-                "each; remove it (a data-parallel run of any trial is `guidance-tune rerun RUN_ID "
-                "--workers N`)"
+                f"train.workers {base.workers} and study.resources.workers {workers} differ: "
+                "remove train.workers (trials take study.resources.workers)"
             )
+        if base.batch_size % workers:
+            raise ValueError(
+                f"train.batch_size {base.batch_size} does not split over "
+                f"study.resources.workers {workers}: make it a multiple of {workers}"
+            )
+        base.workers = workers
         return self
 
     @model_validator(mode="after")

@@ -33,8 +33,11 @@ PREPARE_STAGE = "prepare"
 
 
 def step_config(spec: StudyConfig, step: PrepareStep) -> RunConfig:
+    """The step's run: the base with its ``set``, in this process (``train.workers`` 1, not the
+    trials' ``study.resources.workers``, unless the step sets it: then as many local ones)."""
+    changes = {"train.workers": 1, **step.set}
     try:
-        return with_changes(spec.base, step.set, f"study.prepare step {step.name!r}")
+        return with_changes(spec.base, changes, f"study.prepare step {step.name!r}")
     except ConfigError as error:
         raise ConfigError(f"study.prepare: {error}") from None
 
@@ -61,7 +64,7 @@ def is_prepared(step: PrepareStep, config: RunConfig) -> bool:
 def run_prepare_steps(spec: StudyConfig, tracking: TrialTracking) -> None:
     """Train every step whose weights are missing or stale; the rest are said and skipped."""
     from guidance_tune.tracking.recorded import BestWeights, train_recorded
-    from guidance_tune.training.loop import build_run
+    from guidance_tune.training.loop import build_run, replicated
     from guidance_tune.training.reporters import ConsoleReporter
 
     for step in spec.study.prepare:
@@ -81,7 +84,8 @@ def run_prepare_steps(spec: StudyConfig, tracking: TrialTracking) -> None:
             tracking.tracking_uri, tracking.experiment_id, name, tags, config, tracking.command
         )
         reporters = [ConsoleReporter(config.train.epochs), BestWeights(step.weights)]
-        result = train_recorded(build_run(config), record, reporters)
+        with replicated(config):
+            result = train_recorded(build_run(config), record, reporters)
         if result.status != Outcome.FINISHED:
             raise ConfigError(
                 f"study.prepare step {step.name!r} ended {result.status}: fix its config (see "

@@ -41,10 +41,12 @@ from ray import tune
 
 from guidance_tune.config import RunConfig, config_to_dict
 from guidance_tune.data.splits import DataSplits, load_data
+from guidance_tune.study.config import ResourcesConfig
 from guidance_tune.study.context import TrialTracking, arm_of, trial_config
 from guidance_tune.study.quiet import quiet_trial_process
+from guidance_tune.study.replicas import trial_replicas
 from guidance_tune.tracking.inputs import dataset_inputs
-from guidance_tune.tracking.record import ARM_TAG, PID_TAG, RunRecord
+from guidance_tune.tracking.record import ARM_TAG, PID_TAG, REPLICAS_TAG, RunRecord
 from guidance_tune.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from guidance_tune.training.loop import Reporter, build_run, fit, resolve_device
 
@@ -86,8 +88,11 @@ def _data_of(config: RunConfig) -> DataSplits:
     return _LOADED[key]
 
 
-def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTracking) -> None:
-    """What Tune runs for each trial (and again, from its checkpoint, for each retry)."""
+def run_trial(
+    params: dict[str, Any], *, base: RunConfig, tracking: TrialTracking, resources: ResourcesConfig
+) -> None:
+    """What Tune runs for each trial (and again, from its checkpoint, for each retry); with
+    ``study.resources.workers`` > 1 as replica 0 of its workers (:mod:`.replicas`)."""
     atexit.register(threading.current_thread().join, TEARDOWN_SECONDS)  # see the module's notes
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise
     quiet_trial_process()
@@ -104,10 +109,15 @@ def run_trial(params: dict[str, Any], *, base: RunConfig, tracking: TrialTrackin
     node = ray.get_runtime_context().get_node_id()
     record.set_tags({"ray.node_id": node, PID_TAG: str(os.getpid())})  # a reused worker's twice
     try:
-        run = build_run(config, _restored_checkpoint(), data=_data_of(config))
-        record.log_inputs(dataset_inputs(config.data, run.data, test=config.train.evaluate_test))
-        with record.system_metrics(tracking.system_metrics_seconds):
-            fit(run, TuneReporter(record, tracking))
+        checkpoint = _restored_checkpoint()
+        with trial_replicas(config, checkpoint, resources) as others:
+            if others:
+                record.set_tags({REPLICAS_TAG: ",".join(others)})
+            run = build_run(config, checkpoint, data=_data_of(config))
+            inputs = dataset_inputs(config.data, run.data, test=config.train.evaluate_test)
+            record.log_inputs(inputs)
+            with record.system_metrics(tracking.system_metrics_seconds):
+                fit(run, TuneReporter(record, tracking))
     except SystemExit:
         raise  # Tune ended the trial (ASHA, max_t): the driver closes its run
     except BaseException as error:

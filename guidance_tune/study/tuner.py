@@ -15,6 +15,7 @@ from guidance_tune.config import ConfigError
 from guidance_tune.study.callbacks import ConsoleProgress, TrialRecords, keep_best_checkpoint
 from guidance_tune.study.config import StudyConfig
 from guidance_tune.study.context import TrialNamer, TrialTracking
+from guidance_tune.study.replicas import placement_bundles
 from guidance_tune.study.trainable import run_trial
 
 
@@ -27,9 +28,14 @@ def trainable(spec: StudyConfig, tracking: TrialTracking):
     """``run_trial`` bound to the base run and the tracking, with the study's resources."""
     from ray import tune
 
-    resources = {"cpu": spec.study.resources.cpus, "gpu": spec.study.resources.gpus}
-    bound = tune.with_parameters(run_trial, base=spec.base, tracking=tracking)
-    return tune.with_resources(bound, resources)
+    wanted = spec.study.resources
+    bound = tune.with_parameters(run_trial, base=spec.base, tracking=tracking, resources=wanted)
+    if wanted.workers == 1:
+        return tune.with_resources(bound, {"cpu": wanted.cpus, "gpu": wanted.gpus})
+    bundles = tune.PlacementGroupFactory(
+        placement_bundles(wanted), strategy=wanted.placement.upper()
+    )
+    return tune.with_resources(bound, bundles)  # bundle 0: the trial's process (.replicas)
 
 
 def build_tuner(

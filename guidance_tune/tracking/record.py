@@ -43,6 +43,7 @@ ERROR_TAG = "error"
 RERUN_OF_TAG = "rerun_of"
 STAGE_TAG = "stage"  # search, confirm, arms.lr or arms
 PID_TAG = "process.pid"  # the trial process: one PID across trials is a reused worker
+REPLICAS_TAG = "replicas"  # a data-parallel trial's other workers: "pid@node_id", comma-separated
 SCORE_TAG = "score"  # the run's task score: best/top1, best/acc or best/ppl
 UNIT_TAG = "unit"  # a stage run's identity in its study (arm and seed)
 ARM_TAG = "arm"

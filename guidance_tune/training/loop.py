@@ -440,9 +440,10 @@ def fit(run: Run, reporter: Reporter | None = None) -> TrainResult:
     return TrainResult(Outcome.FINISHED, run.history)
 
 
-def _replica(config: RunConfig, checkpoint: Checkpoint | None) -> None:
-    """A replica other than 0 of a run on this machine: it trains in step and reports nothing.
-    A config error is replica 0's to report: it builds the same run and meets the same one."""
+def fit_replica(config: RunConfig, checkpoint: Checkpoint | None) -> None:
+    """A replica other than 0 of a run (in a process group already): it trains in step and
+    reports nothing. A config error is replica 0's to report: it builds the same run and meets
+    the same one."""
     try:
         run = build_run(config, checkpoint)
     except ConfigError:
@@ -454,7 +455,7 @@ def replicated(config: RunConfig, checkpoint: Checkpoint | None = None):
     """A block in which this process is replica 0 of the run's ``train.workers`` on this
     machine (:func:`~.parallel.local_replicas`); build and fit the run inside it."""
     device = resolve_device(config.train.device)
-    return local_replicas(config.train.workers, device, _replica, config, checkpoint)
+    return local_replicas(config.train.workers, device, fit_replica, config, checkpoint)
 
 
 def train(

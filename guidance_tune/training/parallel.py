@@ -19,7 +19,9 @@ DDP's wrapper: the target stays the plain module its hooks, state dict and check
 
 Where the replicas come from: ``train`` and ``rerun`` (``--workers N``) get them on one machine
 from :func:`local_replicas`, which makes the calling process replica 0, so its reporters
-(console, MLflow, checkpoints) are the run's, and spawns the others, which report nothing.
+(console, MLflow, checkpoints) are the run's, and spawns the others, which report nothing. A
+study's trial (``study.resources.workers``) is replica 0 the same way, its others Ray actors in
+its placement group (:mod:`guidance_tune.study.replicas`).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _join(rank: int, count: int, address: str, backend: str) -> None:
+def join_group(rank: int, count: int, address: str, backend: str) -> None:
+    """This process as replica ``rank`` of ``count`` meeting at ``address`` (tcp://host:port)."""
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
@@ -116,7 +119,7 @@ def _join(rank: int, count: int, address: str, backend: str) -> None:
 def _replica_process(
     rank: int, count: int, address: str, backend: str, replica: Callable[..., Any], args: tuple
 ) -> None:
-    _join(rank, count, address, backend)
+    join_group(rank, count, address, backend)
     try:
         replica(*args)
     finally:
@@ -129,9 +132,9 @@ def local_replicas(
 ) -> Iterator[None]:
     """Inside the block this process is replica 0 of ``count`` on this machine; the others run
     ``replica(*args)`` (a module-level function: they are spawned) in their own processes, one
-    GPU each on CUDA. Nothing happens with ``count`` 1 or inside a group already (a Ray Train
-    worker). On exit the group is torn down and the others joined; one that failed while this
-    process did not is an error here too."""
+    GPU each on CUDA. Nothing happens with ``count`` 1 or inside a group already. On exit the
+    group is torn down and the others joined; one that failed while this process did not is an
+    error here too."""
     if count == 1 or replicas() > 1:
         yield
         return
@@ -148,7 +151,7 @@ def local_replicas(
     ]
     for process in others:
         process.start()
-    _join(0, count, address, backend)
+    join_group(0, count, address, backend)
     try:
         yield
     finally:

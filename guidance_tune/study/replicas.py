@@ -1,0 +1,111 @@
+"""A data-parallel trial (``study.resources.workers`` > 1): its replicas live in the trial's own
+placement group.
+
+Tune reserves one bundle per worker (``study.resources.cpus``/``gpus`` each, placed as
+``study.resources.placement`` says). The trial's process is replica 0, in bundle 0: it builds
+and fits the run as a one-process trial does, and alone logs to MLflow and reports to Tune. Each
+other bundle gets a :class:`Replica` actor that joins the trial's torch.distributed group (gloo
+on CPU, NCCL on CUDA) at replica 0's node, builds the same run (from the same checkpoint on a
+retry) and trains in step, reporting nothing.
+
+The replicas are the trial's: when it ends, however it ends (finished, stopped by ASHA inside
+``tune.report``, failed), they are killed before its process is reused or exits, and their
+bundles go back with the placement group Tune made for the trial, so a stopped trial leaves
+nothing behind for the next to wait on. A replica that dies (its node lost) breaks replica 0's
+next collective, so the trial fails and Tune retries it, all replicas together, from its last
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+import torch.distributed as dist
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from guidance_tune.config import RunConfig
+from guidance_tune.study.config import ResourcesConfig
+from guidance_tune.study.quiet import quiet_trial_process
+from guidance_tune.training.checkpoint import Checkpoint
+from guidance_tune.training.loop import fit_replica, resolve_device
+from guidance_tune.training.parallel import backend_for, join_group
+
+JOIN_SECONDS = 60.0  # for the other replicas to report the end of a trial that ended normally
+
+
+@ray.remote
+class Replica:
+    """Replica ``rank`` of a trial, in one bundle of the trial's placement group."""
+
+    def where(self) -> str:
+        """``pid@node_id``: where this replica runs."""
+        return f"{os.getpid()}@{ray.get_runtime_context().get_node_id()}"
+
+    def train(self, rank: int, count: int, address: str, config: RunConfig, checkpoint) -> None:
+        quiet_trial_process()
+        device = resolve_device(config.train.device)
+        join_group(rank, count, address, backend_for(device))
+        try:
+            fit_replica(config, checkpoint)
+        finally:
+            dist.destroy_process_group()
+
+
+def placement_bundles(resources: ResourcesConfig) -> list[dict[str, float]]:
+    """One bundle per worker: the first is the trial's own process."""
+    bundle = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
+    return [dict(bundle) for _ in range(resources.workers)]
+
+
+def _rendezvous() -> str:
+    """A free port on this node, where the trial's replicas meet."""
+    host = ray.util.get_node_ip_address()
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
+
+
+@contextmanager
+def trial_replicas(
+    config: RunConfig, checkpoint: Checkpoint | None, resources: ResourcesConfig
+) -> Iterator[list[str]]:
+    """Inside the block this process is replica 0 of ``config.train.workers``, the others
+    running in the trial's other bundles, where the block is given (``pid@node_id`` each);
+    nothing happens with 1 worker (an empty list)."""
+    count = config.train.workers
+    if count == 1:
+        yield []
+        return
+    group = get_current_placement_group()
+    address = _rendezvous()
+    others = [
+        Replica.options(
+            num_cpus=resources.cpus,
+            num_gpus=resources.gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=rank
+            ),
+        ).remote()
+        for rank in range(1, count)
+    ]
+    places = [replica.where.remote() for replica in others]  # an actor runs its calls in order
+    shared = ray.put(checkpoint)
+    done = [
+        replica.train.remote(rank, count, address, config, shared)
+        for rank, replica in enumerate(others, start=1)
+    ]
+    try:
+        join_group(0, count, address, backend_for(resolve_device(config.train.device)))
+        try:
+            yield ray.get(places)
+        finally:
+            dist.destroy_process_group()
+        ray.get(done, timeout=JOIN_SECONDS)  # the run ended well here: a replica's error is its too
+    finally:
+        for replica in others:
+            ray.kill(replica)
