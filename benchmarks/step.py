@@ -26,7 +26,20 @@ import torch
 from benchmarks import write_report
 from benchmarks.memory import measure_in_child
 from benchmarks.numerics import check_numerics
-from benchmarks.variants import SETTINGS, STEPS, VARIANTS, Bench, Options, build, synchronize
+from benchmarks.variants import (
+    SETTINGS,
+    STEPS,
+    VARIANTS,
+    Bench,
+    Options,
+    autocast,
+    build,
+    synchronize,
+)
+from guidance_tune.guidance.gather import replicas
+from guidance_tune.guidance.layers import LayerCapture
+from guidance_tune.training.loop import resolve_device
+from guidance_tune.training.parallel import local_replicas
 
 STEP_RATIO_LIMIT = 1.15  # guided <= 1.15 x (plain + guide forward), the paper's settings
 SMALL_RATIO_LIMIT = 1.5  # guided <= 1.5 x plain at the small scale
@@ -47,6 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--check-numerics", action="store_true", help="bf16 vs fp32 CKA only")
     parser.add_argument("--profile", action="store_true", help="also list each variant's top ops")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="time the steps data-parallel: N processes of this machine (gloo on CPU, NCCL on "
+        "CUDA), the global batch split over them, each with cores/N threads (no memory probes)",
+    )
     parser.add_argument("--json", type=Path, help="write the report here")
     return parser.parse_args(argv)
 
@@ -176,6 +196,20 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.check_numerics:
         report["numerics"] = check_numerics(options)
         return report
+    if args.workers > 1:
+        if options.shape["batch"] % args.workers:
+            raise SystemExit(
+                f"--workers {args.workers} does not split batch {options.shape['batch']}"
+            )
+        threads = _replica_threads(args.workers)
+        report.update(workers=args.workers, threads=threads)
+        device = resolve_device(options.device)
+        timing = (options, args.repeats, args.warmup, threads)
+        with local_replicas(args.workers, device, _replica_times, *timing):
+            times, report["pairs"], report["gathered_bytes_per_step"] = _replica_times(*timing)
+        report.update(summarise(options, times, None))
+        report["load_average_after"] = os.getloadavg()
+        return report
     bench = build(options)
     report["pairs"] = len(bench.guided.term.pairs)
     times = time_variants(bench, args.repeats, args.warmup)
@@ -189,6 +223,41 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     report.update(summarise(options, times, memory))
     report["load_average_after"] = os.getloadavg()
     return report
+
+
+def _replica_threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _replica_times(options: Options, repeats: int, warmup: int, threads: int):
+    """One replica's timed steps, its pairs and what it receives: every replica runs the same
+    steps in the same order, so their collectives meet; replica 0's are the report's."""
+    torch.set_num_threads(threads)
+    bench = build(options)
+    times = time_variants(bench, repeats, warmup)
+    return times, len(bench.guided.term.pairs), gathered_bytes(bench, replicas())
+
+
+def gathered_bytes(bench: Bench, workers: int) -> dict[str, float]:
+    """Bytes one replica receives per guided step for the whole batch's Grams, per hooked
+    layer: (N - 1) / N x b x d elements of the activation's dtype (guidance/gather.py), read
+    off one forward of each network at this benchmark's shard and precision (on every replica:
+    the guide's Grams gather inside that forward)."""
+    term, rows = bench.guided.term, bench.x.shape[0] * workers
+    sizes = {}
+    for side, model, names in (
+        ("target", bench.guided.target, dict.fromkeys(t for t, _ in term.pairs)),
+        ("guide", term.guide, dict.fromkeys(g for _, g in term.pairs)),
+    ):
+        capture = LayerCapture(
+            model, list(names), lambda a: torch.tensor([a[0].numel(), a.element_size()])
+        )
+        with autocast(bench.precision, bench.device), torch.no_grad():
+            model(bench.x)
+        for name, (width, size) in capture.captured.items():
+            sizes[f"{side}:{name}"] = (workers - 1) / workers * rows * int(width) * int(size)
+        capture.remove()
+    return sizes
 
 
 def print_summary(report: dict) -> None:
@@ -210,6 +279,13 @@ def print_summary(report: dict) -> None:
         f"(of minima: {report['ratio_of_minima']:.3f})"
     )
     print(f"  guided / plain = {report['guided_over_plain']:.3f}")
+    if "workers" in report:
+        gathered = report["gathered_bytes_per_step"]
+        print(
+            f"  {report['workers']} workers, {report['threads']} threads each: each receives "
+            f"{sum(gathered.values()) / 2**20:.2f} MiB per guided step over {len(gathered)} "
+            f"hooked layers (largest {max(gathered.values()) / 2**20:.2f} MiB)"
+        )
     if report["memory"] is not None:
         peaks = ", ".join(f"{k} {v['peak_mib']:.0f}" for k, v in report["memory"].items())
         print(

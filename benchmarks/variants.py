@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from guidance_tune.config import ModelConfig
 from guidance_tune.data.tasks import CLASSIFICATION, Task
+from guidance_tune.guidance.gather import replicas
 from guidance_tune.guidance.term import Guidance
 from guidance_tune.models import create_model
 from guidance_tune.training.loop import guided_loss, resolve_device
+from guidance_tune.training.parallel import average_gradients, shard
 
 VARIANTS = ("plain", "guide", "guided")
 
@@ -133,7 +135,8 @@ def build(options: Options, variants: tuple[str, ...] = VARIANTS) -> Bench:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(s["batch"], s["channels"], s["res"], s["res"], generator=generator)
     y = torch.randint(0, s["classes"], (s["batch"],), generator=generator)
-    bench = Bench(device, options.precision, x.to(device), y.to(device))
+    # data parallel (benchmarks.step --workers): this replica's rows of the global batch
+    bench = Bench(device, options.precision, shard(x).to(device), shard(y).to(device))
     guide_config = ModelConfig(name=options.spec.guide)
     if "plain" in variants:
         target = _model(options, options.target_config(), 0, device).train()
@@ -151,11 +154,14 @@ def build(options: Options, variants: tuple[str, ...] = VARIANTS) -> Bench:
 
 
 def train_step(run: StepRun, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
-    """One step as ``train_one_epoch`` runs it (its metric sums left out)."""
+    """One step as ``train_one_epoch`` runs it (its metric sums left out); data parallel, with
+    the gradients averaged over the replicas, as ``training.loop.backward`` does."""
     task, guidance = guided_loss(run, x, y)
     loss = task + guidance
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if replicas() > 1:
+        average_gradients(run.target)
     optimizer.step()
 
 

@@ -44,6 +44,19 @@ def test_the_guided_step_really_runs_guidance(tiny_report):
     assert tiny_report["pairs"] == 21  # deep_fcn <- resnet18, the authors' mapping
 
 
+def test_two_workers_time_the_data_parallel_step_and_count_the_gathered_bytes(tmp_path):
+    path = tmp_path / "workers.json"
+    assert step.main([*TINY, "--workers", "2", "--no-memory", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["workers"] == 2 and r["pairs"] == 21 and r["memory"] is None
+    assert all(len(r["times_ms"][v]) == 2 for v in ("plain", "guide", "guided"))
+    gathered = r["gathered_bytes_per_step"]
+    target = {name: n for name, n in gathered.items() if name.startswith("target:")}
+    # deep_fcn at x1/32: 64 then 32 wide; each replica receives the other's 8 rows, fp32
+    assert set(target.values()) == {8 * 64 * 4, 8 * 32 * 4}
+    assert len(gathered) > len(target) > 1  # the guide's layers are gathered too
+
+
 def test_numerics_mode_compares_every_pair_and_finds_the_gram_path_exact(tmp_path):
     path = tmp_path / "numerics.json"
     assert step.main([*TINY, "--check-numerics", "--json", str(path)]) == 0
