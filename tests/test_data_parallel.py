@@ -308,3 +308,12 @@ def test_a_study_of_more_workers_than_its_batch_splits_into_is_refused(capsys):
     spec = str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
     assert main(["study", "check", spec, "--set", "study.resources.workers=3"]) == 2
     assert "make it a multiple of 3" in capsys.readouterr().err
+
+
+def test_the_smoke_test_of_an_8_gpu_study_runs_2_cpu_workers():
+    from guidance_tune.study.checks import load_study, smoke
+
+    spec = Path(__file__).parents[1] / "studies" / "quickstart.yaml"
+    tiny = smoke(load_study(spec, ["study.resources.workers=8", "study.resources.gpus=1"]))
+    assert (tiny.study.resources.workers, tiny.study.resources.gpus) == (2, 0)
+    assert tiny.base.train.workers == 2  # what its trials log

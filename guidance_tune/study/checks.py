@@ -34,10 +34,13 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
 
 
 def smoke(spec: StudyConfig) -> StudyConfig:
-    """The same study, tiny: 2 trials (2 seeds an arm) of 2 short epochs on the CPU."""
+    """The same study, tiny: 2 trials (2 seeds an arm) of 2 short epochs on the CPU, of 2
+    workers where the study's trials are data-parallel (and the batch splits in 2)."""
     short = {"train.epochs": 2, "train.max_steps_per_epoch": 3, "train.max_eval_batches": 2}
-    base = with_changes(spec.base, short, source="smoke test")
+    base = with_changes(spec.base, {**short, "train.workers": 1}, source="smoke test")
+    parallel = spec.study.resources.workers > 1 and base.train.batch_size % 2 == 0
     tiny = {"num_trials": 2, "resources.cpus": 1, "resources.gpus": 0, "scheduler.grace_period": 1}
+    tiny["resources.workers"] = 2 if parallel else 1
     if spec.study.arms is not None:
         tiny["arms.seeds"] = 2
         tiny["arms.lr"] = spec.study.arms.lr[:2] if spec.study.arms.lr else None
