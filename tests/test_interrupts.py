@@ -183,6 +183,8 @@ def test_an_interrupted_study_resumes_with_every_trial_recorded_once_and_whole(
     for child in children:
         assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
         assert "error" not in child.data.tags
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val/loss")]
+        assert sorted(steps) == list(range(1, len(steps) + 1))  # each epoch logged once
         assert_best_checkpoint_is_the_best_epoch(gate.url, child, tmp_path / child.info.run_id)
 
 
@@ -288,3 +290,41 @@ def test_a_ctrl_c_train_prints_the_command_that_resumes_it_into_the_same_mlflow_
     assert "error" not in run.data.tags
     steps_logged = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
     assert sorted(steps_logged) == [1, 2, 3]
+
+
+def test_a_ctrl_c_two_worker_study_resumes_its_trial_with_both_workers_into_its_run(
+    ray_local, tmp_path
+):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        "cut-workers",
+        tmp_path,
+        num_trials=1,
+        scheduler={"kind": "fifo"},
+        resources={"cpus": 1, "workers": 2},
+    )
+    spec["target"] = scripted_target(markers, hold_at=STEPS + 2)  # mid-epoch 2
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    log = tmp_path / "driver.log"
+    command = [str(BIN / "guidance-tune"), "study", "launch", str(path)]
+    driver = start(command, log, {**os.environ, "RAY_ADDRESS": ""})
+    try:
+        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "held")
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        (markers / RELEASE_FILE).touch()
+        driver.wait(timeout=180)
+    finally:
+        stop(driver)
+        reap(driver)
+    assert driver.returncode == 130, log.read_text()[-3000:]
+    assert main(["study", "launch", str(path), "--resume"]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("cut-workers").experiment_id
+    (child,) = client.search_runs([experiment], "tags.`guidance_tune.role` = 'trial'")
+    assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+    assert len(child.data.tags["replicas"].split(",")) == 1  # its other worker, resumed too
+    history = client.get_metric_history(child.info.run_id, "val/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # epoch 1 kept, none run twice

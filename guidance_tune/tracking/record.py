@@ -115,6 +115,7 @@ class RunRecord:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = mlflow_client(tracking_uri)
+        self.logged_through = 0  # the last epoch logged before this process reopened the run
 
     @classmethod
     def start(
@@ -175,7 +176,10 @@ class RunRecord:
         return self._client.get_run(self.run_id)
 
     def reopen(self) -> None:
-        """Running again: how it ended last time (``status``, ``error``) no longer holds."""
+        """Running again: how it ended last time (``status``, ``error``) no longer holds, and
+        the epochs it logged stay logged once (:meth:`log_epoch`)."""
+        history = self._client.get_metric_history(self.run_id, "epoch")
+        self.logged_through = max((int(metric.step) for metric in history), default=0)
         tags = self.info().data.tags
         for key in (STATUS_TAG, ERROR_TAG):
             if key in tags:
@@ -252,7 +256,12 @@ class RunRecord:
             monitor.finish()
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
-        self.log_metrics(metrics, step=int(metrics["epoch"]))
+        """The epoch's metrics at its step, unless the run has it already: a run resumed from a
+        checkpoint older than its last logged epoch (a trial whose last report Tune never saved,
+        one retried after a lost node) trains those epochs again from the same state."""
+        epoch = int(metrics["epoch"])
+        if epoch > self.logged_through:
+            self.log_metrics(metrics, step=epoch)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
