@@ -115,7 +115,7 @@ class RunRecord:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = mlflow_client(tracking_uri)
-        self.logged_through = 0  # the last epoch logged before this process reopened the run
+        self.logged_through: int | None = None  # the last epoch logged before a reopen
 
     @classmethod
     def start(
@@ -179,7 +179,7 @@ class RunRecord:
         """Running again: how it ended last time (``status``, ``error``) no longer holds, and
         the epochs it logged stay logged once (:meth:`log_epoch`)."""
         history = self._client.get_metric_history(self.run_id, "epoch")
-        self.logged_through = max((int(metric.step) for metric in history), default=0)
+        self.logged_through = max((int(metric.step) for metric in history), default=None)
         tags = self.info().data.tags
         for key in (STATUS_TAG, ERROR_TAG):
             if key in tags:
@@ -260,7 +260,7 @@ class RunRecord:
         checkpoint older than its last logged epoch (a trial whose last report Tune never saved,
         one retried after a lost node) trains those epochs again from the same state."""
         epoch = int(metrics["epoch"])
-        if epoch > self.logged_through:
+        if self.logged_through is None or epoch > self.logged_through:
             self.log_metrics(metrics, step=epoch)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
