@@ -19,7 +19,6 @@ checkpoint.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,7 +32,7 @@ from guidance_tune.study.config import ResourcesConfig
 from guidance_tune.study.quiet import quiet_trial_process
 from guidance_tune.training.checkpoint import Checkpoint
 from guidance_tune.training.loop import fit_replica, resolve_device
-from guidance_tune.training.parallel import backend_for, join_group
+from guidance_tune.training.parallel import backend_for, join_group, rendezvous, run_replica
 
 JOIN_SECONDS = 60.0  # for the other replicas to report the end of a trial that ended normally
 
@@ -48,26 +47,14 @@ class Replica:
 
     def train(self, rank: int, count: int, address: str, config: RunConfig, checkpoint) -> None:
         quiet_trial_process()
-        device = resolve_device(config.train.device)
-        join_group(rank, count, address, backend_for(device))
-        try:
-            fit_replica(config, checkpoint)
-        finally:
-            dist.destroy_process_group()
+        backend = backend_for(resolve_device(config.train.device))
+        run_replica(rank, count, address, backend, fit_replica, (config, checkpoint))
 
 
 def placement_bundles(resources: ResourcesConfig) -> list[dict[str, float]]:
     """One bundle per worker: the first is the trial's own process."""
     bundle = {"CPU": resources.cpus, **({"GPU": resources.gpus} if resources.gpus else {})}
     return [dict(bundle) for _ in range(resources.workers)]
-
-
-def _rendezvous() -> str:
-    """A free port on this node, where the trial's replicas meet."""
-    host = ray.util.get_node_ip_address()
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return f"tcp://{host}:{sock.getsockname()[1]}"
 
 
 @contextmanager
@@ -82,7 +69,7 @@ def trial_replicas(
         yield []
         return
     group = get_current_placement_group()
-    address = _rendezvous()
+    address = rendezvous(ray.util.get_node_ip_address())  # replica 0's node
     others = [
         Replica.options(
             num_cpus=resources.cpus,

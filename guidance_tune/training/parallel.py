@@ -101,10 +101,11 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def _free_port() -> int:
+def rendezvous(host: str = "127.0.0.1") -> str:
+    """``tcp://host:port`` at a free port of ``host``, where a group's replicas meet."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        sock.bind((host, 0))
+        return f"tcp://{host}:{sock.getsockname()[1]}"
 
 
 def join_group(rank: int, count: int, address: str, backend: str) -> None:
@@ -116,9 +117,10 @@ def join_group(rank: int, count: int, address: str, backend: str) -> None:
     )
 
 
-def _replica_process(
+def run_replica(
     rank: int, count: int, address: str, backend: str, replica: Callable[..., Any], args: tuple
 ) -> None:
+    """``replica(*args)`` as replica ``rank`` of the group at ``address``, left at the end."""
     join_group(rank, count, address, backend)
     try:
         replica(*args)
@@ -138,11 +140,11 @@ def local_replicas(
     if count == 1 or replicas() > 1:
         yield
         return
-    address, backend = f"tcp://127.0.0.1:{_free_port()}", backend_for(device)
+    address, backend = rendezvous(), backend_for(device)
     spawn = multiprocessing.get_context("spawn")
     others = [
         spawn.Process(
-            target=_replica_process,
+            target=run_replica,
             args=(rank, count, address, backend, replica, args),
             name=f"replica-{rank}",
             daemon=True,
