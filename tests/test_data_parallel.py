@@ -188,10 +188,13 @@ def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
 
 RUN_YAML = {
     "name": "dp-cli",
-    # dropout off: each process draws its own masks
+    # dropout off: each process draws its own masks. 3 blocks, not 6: a 6-block FCN's guided
+    # SGD run is chaotic enough that a batch of 16 rows and one of 32, whose kernels round
+    # differently (AVX-512 and AVX2 ones differently again), end its third epoch 1e-3 apart;
+    # 3 blocks stay within 1e-5 of each other at any lr the study below draws
     "target": {
         "name": "deep_fcn",
-        "kwargs": {"depth": 6, "first_width": 64, "width": 64, "dropout": 0},
+        "kwargs": {"depth": 3, "first_width": 64, "width": 64, "dropout": 0},
     },
     "guide": {"name": "resnet18"},
     "data": {"name": "digits"},

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
-import torch.distributed as dist
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,7 +31,13 @@ from guidance_tune.study.config import ResourcesConfig
 from guidance_tune.study.quiet import quiet_trial_process
 from guidance_tune.training.checkpoint import Checkpoint
 from guidance_tune.training.loop import fit_replica, resolve_device
-from guidance_tune.training.parallel import backend_for, join_group, rendezvous, run_replica
+from guidance_tune.training.parallel import (
+    backend_for,
+    join_group,
+    leave_group,
+    rendezvous,
+    run_replica,
+)
 
 JOIN_SECONDS = 60.0  # for the other replicas to report the end of a trial that ended normally
 
@@ -90,9 +95,13 @@ def trial_replicas(
         join_group(0, count, address, backend_for(resolve_device(config.train.device)))
         try:
             yield ray.get(places)
-        finally:
-            dist.destroy_process_group()
+        except BaseException:
+            leave_group(finished=False)
+            raise
+        together = leave_group(finished=True)
         ray.get(done, timeout=JOIN_SECONDS)  # the run ended well here: a replica's error is its too
+        if not together:
+            raise RuntimeError("a data-parallel replica left the trial before its end")
     finally:
         for replica in others:
             ray.kill(replica)

@@ -117,6 +117,21 @@ def join_group(rank: int, count: int, address: str, backend: str) -> None:
     )
 
 
+def leave_group(finished: bool) -> bool:
+    """This process out of its group; whether every replica got to the end with it. One that
+    finished waits at a barrier for the others first: a replica that tears its connections down
+    while another still uses them aborts that one (gloo's "terminate called without an active
+    exception"). One that failed leaves at once, which ends the others' waits with an error."""
+    try:
+        if finished:
+            dist.barrier()
+        return finished
+    except RuntimeError:  # another replica failed (gloo: "connection reset"); its error says why
+        return False
+    finally:
+        dist.destroy_process_group()
+
+
 def run_replica(
     rank: int, count: int, address: str, backend: str, replica: Callable[..., Any], args: tuple
 ) -> None:
@@ -124,8 +139,11 @@ def run_replica(
     join_group(rank, count, address, backend)
     try:
         replica(*args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        leave_group(finished=False)
+        raise
+    if not leave_group(finished=True):
+        raise RuntimeError(f"data-parallel replica {rank} finished, another one failed")
 
 
 @contextmanager
@@ -156,13 +174,20 @@ def local_replicas(
     join_group(0, count, address, backend)
     try:
         yield
-    finally:
-        dist.destroy_process_group()
-        for process in others:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+    except BaseException:
+        leave_group(finished=False)
+        _join(others)
+        raise
+    together = leave_group(finished=True)
+    _join(others)
     failed = [p.name for p in others if p.exitcode != 0]
-    if failed:
-        raise RuntimeError(f"data-parallel {', '.join(failed)} failed (exit codes above)")
+    if failed or not together:
+        raise RuntimeError(f"data-parallel {', '.join(failed) or 'replica'} failed (output above)")
+
+
+def _join(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    for process in processes:
+        process.join(timeout=30)
+        if process.is_alive():
+            process.terminate()
+            process.join()
