@@ -177,12 +177,16 @@ class DataConfig(StrictModel):
         return self
 
 
+# the similarities guidance trains with and analysis measures
+MetricName = Literal["cka", "debiased_cka", "rsa", "ridge", "procrustes"]
+
+
 class GuidanceConfig(StrictModel):
     """What is added to the task loss. ``kind: none`` is the unguided baseline."""
 
     kind: Literal["alignment", "distillation", "none"] = "alignment"
     weight: float = Field(default=1.0, ge=0, description="multiplies the summed guidance term")
-    metric: Literal["cka", "debiased_cka", "rsa", "ridge", "procrustes"] = Field(
+    metric: MetricName = Field(
         default="cka",
         description="similarity: the paper's biased linear CKA, debiased, RSA, ridge (R^2 of "
         "the guide's activations fitted from the target's) or procrustes (orthogonal "

@@ -10,6 +10,7 @@ SMALL_KWARGS = {
     "deep_fcn": {"depth": 3, "first_width": 64, "width": 32},
     "wide_fcn": {"depth": 2, "width": 32},
     "deep_convnet": {"layers": [1, 1, 1, 1], "width": 8},
+    "plain_convnet": {"widths": [8, 16], "convs": 2},
 }
 # ... and of every sequence model: tokens (b, T) in, logits (b, T, V) out
 SMALL_SEQUENCE_KWARGS = {
@@ -115,6 +116,16 @@ def test_deep_convnet_is_resnet50_without_shortcuts():
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 64, 64))
     assert torch.equal(logits, model.fc.bias.expand(2, -1))
+
+
+def test_plain_convnet_is_stages_of_convs_pooled_between_them():
+    model = build("plain_convnet", in_channels=1, image_size=8).eval()
+    names = dict(model.named_modules())
+    assert count(model, nn.Conv2d) == 6 and count(model, nn.MaxPool2d) == 2
+    assert {"stages.0.0.conv", "stages.2.2.conv", "avgpool", "fc"} <= set(names)
+    assert model.fc.in_features == 128
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 
 def test_torchvision_guide_takes_grey_images_and_keeps_its_module_paths():

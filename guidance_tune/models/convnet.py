@@ -1,13 +1,18 @@
-"""The Deep ConvNet target: ResNet-50's bottleneck stacks with every shortcut removed.
+"""Convolutional nets without shortcuts.
 
-Without the identity and projection shortcuts a 50-layer ConvNet trains badly, which is what
-guidance is meant to fix (notes A.7). Module paths follow torchvision's ResNet (``conv1``,
+The Deep ConvNet target (``deep_convnet``) is ResNet-50's bottleneck stacks with every shortcut
+removed. Without the identity and projection shortcuts a 50-layer ConvNet trains badly, which is
+what guidance is meant to fix (notes A.7). Module paths follow torchvision's ResNet (``conv1``,
 ``layer1.0.conv1``, ..., ``avgpool``, ``fc``) so a mapping reads the same for guide and target;
 there is no ``downsample`` branch at all.
+
+``plain_convnet`` is the ordinary shallow ConvNet a guide x target matrix sets beside a ResNet
+and a ResNet without residuals: stages of 3x3 conv-BN-ReLU, max-pooled between stages.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -102,3 +107,50 @@ def deep_convnet(
     ``avgpool`` and ``fc``: 50 hooked records with the pool. ``image_size`` is unused: the
     global pool takes any input size."""
     return PlainResNet(in_channels, num_classes, list(layers), width)
+
+
+class PlainConvNet(nn.Module):
+    """Stage ``i`` (``stages.{i}``) is ``convs`` blocks ``conv`` (3x3) -> ``norm`` -> ``act`` of
+    ``widths[i]`` channels, after a 2x2 max-pool for every stage but the first; then ``avgpool``
+    and ``fc``."""
+
+    def __init__(
+        self, in_channels: int, num_classes: int, widths: Sequence[int], convs: int
+    ) -> None:
+        super().__init__()
+        if not widths or convs < 1:
+            raise ValueError(f"a plain ConvNet needs widths and convs >= 1, got {widths}, {convs}")
+        stages, channels = [], in_channels
+        for index, width in enumerate(widths):
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if index else []
+            for _ in range(convs):
+                layers.append(_conv_block(channels, width))
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        _init_like_torchvision(self)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (b, C, H, W) -> logits: (b, num_classes)."""
+        return self.fc(torch.flatten(self.avgpool(self.stages(images)), 1))
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+    parts = {"conv": conv, "norm": nn.BatchNorm2d(out_channels), "act": nn.ReLU(inplace=True)}
+    return nn.Sequential(OrderedDict(parts))
+
+
+@register_model("plain_convnet")
+def plain_convnet(
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    widths: Sequence[int] = (32, 64, 128),
+    convs: int = 2,
+) -> PlainConvNet:
+    """``len(widths)`` stages of ``convs`` convs each, halving the resolution between stages
+    (3 stages take 8 px digits to 2 px); ``image_size`` is unused: the global pool takes any."""
+    return PlainConvNet(in_channels, num_classes, list(widths), convs)

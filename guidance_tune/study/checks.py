@@ -16,7 +16,7 @@ from typing import Any
 
 from guidance_tune.config import ConfigError, RunConfig, config_to_dict, set_fields, with_changes
 from guidance_tune.data.files import require_data_files
-from guidance_tune.study.config import StudyConfig, load_study_config
+from guidance_tune.study.config import StudyConfig, load_study_config, study_to_dict
 from guidance_tune.study.context import trial_config
 from guidance_tune.training.checks import check_run
 
@@ -41,14 +41,18 @@ def smoke(spec: StudyConfig) -> StudyConfig:
     parallel = spec.study.resources.workers > 1 and base.train.batch_size % 2 == 0
     tiny = {"num_trials": 2, "resources.cpus": 1, "resources.gpus": 0, "scheduler.grace_period": 1}
     tiny["resources.workers"] = 2 if parallel else 1
-    if spec.study.arms is not None:
-        tiny["arms.seeds"] = 2
-        tiny["arms.lr"] = spec.study.arms.lr[:2] if spec.study.arms.lr else None
+    fixed = spec.study.matrix or spec.study.arms
+    if fixed is not None:
+        section = "matrix" if spec.study.matrix is not None else "arms"
+        tiny[f"{section}.seeds"] = 2
+        tiny[f"{section}.lr"] = fixed.lr[:2] if fixed.lr else None
     if spec.study.confirm is not None:
         tiny.update({"confirm.top": 1, "confirm.seeds": 2})
-    study = set_fields(config_to_dict(spec.study), tiny)
+    study = set_fields(study_to_dict(spec)["study"], tiny)
     for step in study["prepare"]:
         step["set"] = {**step["set"], **short}
+    if spec.study.matrix is not None:  # its trained guides' steps
+        study["matrix"]["guide_training"] = {**study["matrix"]["guide_training"], **short}
     return StudyConfig.model_validate({"base": base, "study": study})
 
 

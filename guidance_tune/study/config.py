@@ -11,9 +11,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from guidance_tune.config import (
     ConfigError,
+    GuideConfig,
+    MetricName,
+    ModelConfig,
     RunConfig,
     StrictModel,
     apply_overrides,
+    config_to_dict,
     describe_errors,
     read_yaml,
     resolve_paths,
@@ -102,6 +106,81 @@ class ArmsSettings(StrictModel):
         return self
 
 
+class MatrixTarget(StrictModel):
+    """A row of the guide x target matrix: a target network and its unguided base."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="row label: letters, digits, _-")
+    model: ModelConfig = Field(description="the target, as the base's target: name, kwargs")
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of this row's runs (e.g. train.batch_size)"
+    )
+
+
+class MatrixGuide(StrictModel):
+    """A column of the matrix: a guide network, untrained or trained on the task first."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="column label: letters, digits, _-")
+    model: GuideConfig = Field(description="the guide, as the base's guide: name, kwargs")
+    trained: bool = Field(
+        default=False,
+        description="true: trained on the base's data before the study (a prepare step with "
+        "study.matrix.guide_training), its best-val weights guiding; false: its initial weights",
+    )
+    set: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of this column's runs (e.g. guidance.pairs)"
+    )
+
+
+MATRIX_BASE = "base"  # the column of every row's unguided run
+
+
+class MatrixSettings(StrictModel):
+    """``study.matrix``: every target with every guide and unguided, times seeds, each cell at
+    the lr its own grid selects on val (``study.space: matrix``; it runs as an arms study whose
+    arms are the cells, ``target.guide`` and ``target.base``)."""
+
+    targets: list[MatrixTarget] = Field(min_length=1)
+    guides: list[MatrixGuide] = Field(min_length=1)
+    seeds: int = Field(default=3, ge=2, description="seeds per cell (2+ for an interval)")
+    lr: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        description="lr grid tried per cell (base seed, selected on val); unset: optim.lr",
+    )
+    guide_training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the base that train a trained guide, unguided, its target "
+        "the guide's model (e.g. optim.lr, train.epochs)",
+    )
+    guides_dir: Path = Field(
+        default=Path("guides"), description="where trained guides' weights are written"
+    )
+    measure: MetricName = Field(
+        default="cka",
+        description="the held-out alignment the matrix shows: this analysis measure's mean over "
+        "the mapped pairs on val",
+    )
+
+    @model_validator(mode="after")
+    def _labels_are_unique(self) -> MatrixSettings:
+        if not self.guides_dir.is_absolute():  # as a run's paths: from the working directory
+            self.guides_dir = self.guides_dir.resolve()
+        for kind, names in (
+            ("targets", [t.name for t in self.targets]),
+            ("guides", [g.name for g in self.guides]),
+        ):
+            if len(set(names)) != len(names):
+                raise ValueError(f"study.matrix.{kind}: names must be unique, got {names}")
+        if MATRIX_BASE in {g.name for g in self.guides}:
+            raise ValueError(
+                f"study.matrix.guides: {MATRIX_BASE!r} names each row's unguided column; "
+                "call the guide something else"
+            )
+        if self.lr is not None and any(lr <= 0 for lr in self.lr):
+            raise ValueError(f"study.matrix.lr: every learning rate must be > 0, got {self.lr}")
+        return self
+
+
 class ConfirmSettings(StrictModel):
     """``study.confirm``: rerun the best configs of a search with fresh seeds, on test."""
 
@@ -163,6 +242,9 @@ class StudySettings(StrictModel):
         default="ray_results", description="Ray Tune results: local dir or a shared/cloud URI"
     )
     arms: ArmsSettings | None = Field(default=None, description="the arms of an arms study")
+    matrix: MatrixSettings | None = Field(
+        default=None, description="the targets and guides of a matrix study"
+    )
     confirm: ConfirmSettings | None = Field(
         default=None, description="after the search, confirm its winners with fresh seeds"
     )
@@ -197,16 +279,34 @@ class StudySettings(StrictModel):
             )
         return metric
 
+    @model_validator(mode="before")
+    @classmethod
+    def _matrix_arms_are_its_own(cls, data: Any) -> Any:
+        """As a file gives it: a matrix study's arms are derived from its cells, never written."""
+        if isinstance(data, dict) and data.get("space") == "matrix" and data.get("arms"):
+            raise ValueError(
+                "study.space matrix takes no study.arms: its arms are the matrix's cells; "
+                "remove study.arms"
+            )
+        return data
+
     @model_validator(mode="after")
     def _arms_go_with_the_arms_space(self) -> StudySettings:
-        if (self.space == "arms") != (self.arms is not None):
+        if self.space == "matrix":
+            if self.matrix is None:
+                raise ValueError(
+                    "study.space matrix takes a study.matrix section: its targets and guides"
+                )
+        elif self.matrix is not None:
+            raise ValueError("study.matrix goes with study.space matrix: set both, or neither")
+        elif (self.space == "arms") != (self.arms is not None):
             raise ValueError(
                 "study.space arms and a study.arms section go together: set both, or neither"
             )
-        if self.space == "arms" and self.confirm is not None:
+        if self.space in ("arms", "matrix") and self.confirm is not None:
             raise ValueError(
-                "study.confirm: an arms study searches nothing to confirm (its seeds are "
-                "evaluated on test already); remove it"
+                f"study.confirm: an {self.space} study searches nothing to confirm (its seeds "
+                "are evaluated on test already); remove it"
             )
         return self
 
@@ -229,6 +329,24 @@ class StudyConfig(StrictModel):
 
     base: RunConfig
     study: StudySettings
+
+    @model_validator(mode="after")
+    def _matrix_is_arms(self) -> StudyConfig:
+        """A matrix study's cells as arms and its trained guides as prepare steps, so it runs,
+        resumes and tables as an arms study does (its file's own steps run first)."""
+        matrix = self.study.matrix
+        if matrix is None or self.study.arms is not None:
+            return self
+        steps = matrix_prepare_steps(self.base.name, matrix)
+        clash = {step.name for step in steps} & {step.name for step in self.study.prepare}
+        if clash:
+            raise ValueError(
+                f"study.prepare step(s) {', '.join(sorted(clash))}: the matrix's trained guides "
+                "have these names; rename the step(s)"
+            )
+        update = {"arms": matrix_arms(matrix, steps), "prepare": [*self.study.prepare, *steps]}
+        self.study = self.study.model_copy(update=update)
+        return self
 
     @model_validator(mode="after")
     def _metric_fits_the_task(self) -> StudyConfig:
@@ -286,6 +404,63 @@ class StudyConfig(StrictModel):
                 "remove it; confirmation and arms runs evaluate test themselves"
             )
         return self
+
+
+def _model_dict(model: ModelConfig) -> dict[str, Any]:
+    return model.model_dump(mode="json", exclude_defaults=True)
+
+
+def matrix_prepare_steps(study: str, matrix: MatrixSettings) -> list[PrepareStep]:
+    """One step per trained guide: the base, unguided, training the guide's model as its
+    target, with ``guide_training``'s overrides; weights ``guides_dir/<study>_<guide>.pt``."""
+    return [
+        PrepareStep(
+            name=f"guide_{guide.name}",
+            weights=matrix.guides_dir / f"{study}_{guide.name}.pt",
+            set={
+                "guidance.kind": "none",
+                **matrix.guide_training,
+                "target": _model_dict(guide.model),
+            },
+        )
+        for guide in matrix.guides
+        if guide.trained
+    ]
+
+
+def matrix_arms(matrix: MatrixSettings, steps: list[PrepareStep]) -> ArmsSettings:
+    """The cells as arms, row by row: ``<target>.base`` (unguided), then ``<target>.<guide>``
+    for each guide (its ``guide.weights`` the trained guide's file); the first row's base is
+    the reference arm of the seed table (the matrix compares each row with its own base)."""
+    weights = {step.name: step.weights for step in steps}
+    arms = []
+    for target in matrix.targets:
+        row = {**target.set, "target": _model_dict(target.model)}
+        unguided = {**row, "guidance.kind": "none"}
+        arms.append(ArmConfig(name=matrix_cell(target.name, MATRIX_BASE), set=unguided))
+        for guide in matrix.guides:
+            model = _model_dict(guide.model)
+            if guide.trained:
+                model["weights"] = str(weights[f"guide_{guide.name}"])
+            cell = {**row, "guidance.kind": "alignment", "guide": model, **guide.set}
+            arms.append(ArmConfig(name=matrix_cell(target.name, guide.name), set=cell))
+    return ArmsSettings(arms=arms, seeds=matrix.seeds, lr=matrix.lr)
+
+
+def matrix_cell(target: str, guide: str) -> str:
+    """The arm of a cell: ``<target>.<guide>`` (neither label holds a dot)."""
+    return f"{target}.{guide}"
+
+
+def study_to_dict(spec: StudyConfig) -> dict[str, Any]:
+    """The study as ``study.json`` keeps it: a matrix's arms and trained-guide steps are left
+    out, derived again from ``study.matrix`` when it is read back."""
+    data = config_to_dict(spec)
+    if spec.study.matrix is not None:
+        derived = {step.name for step in matrix_prepare_steps(spec.base.name, spec.study.matrix)}
+        data["study"]["arms"] = None
+        data["study"]["prepare"] = [s for s in data["study"]["prepare"] if s["name"] not in derived]
+    return data
 
 
 def resolve_prepare_paths(settings: StudySettings) -> StudySettings:

@@ -23,7 +23,7 @@ from guidance_tune.data.tasks import task_of
 from guidance_tune.outcome import Outcome
 from guidance_tune.study.address import ray_address
 from guidance_tune.study.checks import check_files, check_resources, check_study
-from guidance_tune.study.config import StudyConfig
+from guidance_tune.study.config import StudyConfig, study_to_dict
 from guidance_tune.study.context import TrialTracking
 from guidance_tune.study.parent import study_params
 from guidance_tune.study.tuner import build_tuner, restore_tuner, storage_dir
@@ -156,7 +156,7 @@ def _parent_run(
         )
     parent = RunRecord.start(tracking_uri, experiment_id, spec.base.name, tags, command=command)
     parent.log_params(study_params(spec))
-    parent.log_dict(config_to_dict(spec), STUDY_ARTIFACT)
+    parent.log_dict(study_to_dict(spec), STUDY_ARTIFACT)
     parent.set_tags(_versions())
     return parent
 

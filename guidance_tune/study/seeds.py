@@ -66,7 +66,7 @@ def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) 
     if standard_error == 0:
         return Interval(difference, difference, difference, level)
     dof = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
-    half = t.ppf(0.5 + level / 2, dof) * standard_error
+    half = float(t.ppf(0.5 + level / 2, dof)) * standard_error  # a float, not numpy's
     return Interval(difference, difference - half, difference + half, level)
 
 
@@ -109,7 +109,7 @@ def arm_results(rows: list[TrialRow], order: Sequence[str]) -> list[ArmResult]:
     return results
 
 
-def _cell(mean: float, spread: float, scale: float) -> str:
+def mean_std_cell(mean: float, spread: float, scale: float) -> str:
     if math.isnan(mean):
         return "-"
     if math.isnan(spread):
@@ -117,7 +117,7 @@ def _cell(mean: float, spread: float, scale: float) -> str:
     return f"{mean * scale:.2f} +- {spread * scale:.2f}"
 
 
-def _scale(metric: str) -> float:
+def metric_scale(metric: str) -> float:
     """Accuracies in percent (points), losses and perplexities as they are."""
     return 100.0 if metric.rpartition("/")[2] in ACCURACIES else 1.0
 
@@ -136,7 +136,7 @@ def verdict(result: ArmResult, reference: ArmResult) -> str:
     if interval is None:
         return f"{name} vs {other}: too few seeds with a test result for an interval"
     metric = reference.compared
-    words, scale = TABLE_METRICS[metric][1], _scale(metric)
+    words, scale = TABLE_METRICS[metric][1], metric_scale(metric)
     unit = " points" if scale == 100 else ""
     by = f"{abs(interval.difference) * scale:.1f}{unit}"
     ci = f"(95% Welch CI {interval.low * scale:+.1f}..{interval.high * scale:+.1f})"
@@ -166,14 +166,14 @@ def table_cells(results: list[ArmResult], reference: str) -> tuple[list[str], li
     lines = []
     for result in results:
         cells = [result.arm, _seeds(result), str(result.epochs)]
-        cells += [_cell(*result.mean_std(m), _scale(m)) for m in metrics]
+        cells += [mean_std_cell(*result.mean_std(m), metric_scale(m)) for m in metrics]
         interval = None if base is None or result is base else compare(result, base)
-        cells.append("-" if interval is None else _difference(interval, _scale(compared)))
+        cells.append("-" if interval is None else difference_cell(interval, metric_scale(compared)))
         lines.append(cells)
     return header, lines
 
 
-def _difference(interval: Interval, scale: float) -> str:
+def difference_cell(interval: Interval, scale: float) -> str:
     low, high = interval.low * scale, interval.high * scale
     return f"{interval.difference * scale:+.2f} ({low:+.1f}..{high:+.1f})"
 

@@ -136,7 +136,8 @@ def seed_order(spec: StudyConfig, rows: list[TrialRow]) -> tuple[str, list[str],
 
 def report_seeds(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) -> str | None:
     """The seed table, its verdicts and curves, logged on the parent run (``parent``: its
-    RunRecord); the text for the console, or None when the study has no seed stage yet."""
+    RunRecord), and a matrix study's matrix; the text for the console (the table and verdicts,
+    or the matrix), or None when the study has no seed stage yet."""
     from guidance_tune.study.seeds import (
         CSV_ARTIFACT,
         CURVE_METRICS,
@@ -174,7 +175,14 @@ def report_seeds(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) 
             ),
         }
     )
-    return seed_text(results, reference)
+    if (matrix := spec.study.matrix) is None:
+        return seed_text(results, reference)
+    from guidance_tune.study.matrix import matrix_report
+
+    # each cell against its own row's base, which the seed table's one reference is not
+    text, artifacts = matrix_report(spec.base.name, matrix, tracking.tracking_uri, rows)
+    parent.log_artifacts(artifacts)
+    return text
 
 
 def analysed_rows(spec: StudyConfig, children: list, top: int) -> list[TrialRow]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from guidance_tune.config import ConfigError
+from guidance_tune.config import ConfigError, RunConfig
 from guidance_tune.guidance.alignment import MEASURES
 from guidance_tune.tracking.record import (
     BEST_WEIGHTS_ARTIFACT,
@@ -94,6 +94,26 @@ def analyse_runs(
         record = RunRecord(tracking_uri, result.run_id)
         record.log_dict(analysis_table(result), f"{ANALYSIS_DIR}/{split}.json")
         record.log_artifacts({f"{ANALYSIS_DIR}/{split}.png": analysis_figure(result)})
+    return results
+
+
+def analyse_under(
+    tracking_uri: str,
+    measured: Sequence[tuple[str, RunConfig]],
+    split: str = "val",
+    *,
+    permutations: int = 5,
+) -> list[Analysis]:
+    """Each run's best weights (by id) measured under a config: the run's own, or one with the
+    same target and another guide, which measures an unguided target against that guide.
+    Nothing is logged: the caller says where the measures go."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="guidance-tune-") as scratch:
+        weights: dict[str, Path] = {}
+        for run_id, config in measured:
+            if run_id not in weights:
+                weights[run_id] = _best_weights(tracking_uri, run_id, Path(scratch))
+            results.append(analyse(config, weights[run_id], split, permutations=permutations))
     return results
 
 
