@@ -232,9 +232,10 @@ def matrix_figure(
             aligned_text[i, j] = f"{aligned[i, j]:.2f}\nbase " + (
                 "-" if math.isnan(base) else f"{base:.2f}"
             )
-    width = 2.0 + 1.3 * len(guides)
-    figure = Figure(figsize=(2 * width, 1.2 + 0.9 * len(targets)), layout="constrained")
-    axes = figure.subplots(1, 2)
+    # one above the other, the guides' columns aligned
+    height = 1.4 + 0.8 * len(targets)
+    figure = Figure(figsize=(2.5 + 1.3 * len(guides), 2 * height), layout="constrained")
+    axes = figure.subplots(2, 1, sharex=True)
     span = np.nanmax(np.abs(gains)) if np.isfinite(gains).any() else 1.0
     panels = [
         (
@@ -263,7 +264,6 @@ def matrix_figure(
         )
         ax.set_xticks(range(len(guides)), guides, rotation=30, ha="right")
         ax.set_yticks(range(len(targets)), targets)
-        ax.set_xlabel("guide")
         ax.set_ylabel("target")
         ax.set_title(name)
         for i in range(len(targets)):
@@ -271,6 +271,7 @@ def matrix_figure(
                 box = {"facecolor": "white", "alpha": 0.7, "linewidth": 0}
                 ax.text(j, i, text[i, j], ha="center", va="center", fontsize=8, bbox=box)
         figure.colorbar(image, ax=ax, shrink=0.8)
+    axes[1].set_xlabel("guide")
     figure.suptitle(title)
     return figure
 
