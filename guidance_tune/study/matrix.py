@@ -19,6 +19,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from guidance_tune.metrics import direction
 from guidance_tune.outcome import Outcome
 from guidance_tune.study.config import MATRIX_BASE, MatrixSettings, matrix_cell
 from guidance_tune.study.seeds import (
@@ -242,7 +243,7 @@ def matrix_figure(
             axes[0],
             gains,
             gain_text,
-            "RdBu_r",
+            "RdBu_r" if direction(metric) == "max" else "RdBu",  # red: the better score
             -span,
             span,
             f"{TABLE_METRICS[metric][1]} gain over the row's base"
