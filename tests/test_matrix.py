@@ -81,6 +81,23 @@ def test_a_matrix_runs_as_arms_row_by_row_with_its_trained_guides_prepared(tmp_p
     assert StudyConfig.model_validate(kept) == spec
 
 
+def test_a_matrix_smoke_test_is_the_same_matrix_tiny(tmp_path):
+    from guidance_tune.study.checks import smoke
+
+    data = matrix_study("m", tmp_path, seeds=3, lr=[1e-3, 3e-3, 1e-2])
+    tiny = smoke(parse_study_config(data))
+    assert tiny.study.matrix.seeds == 2 and tiny.study.arms.seeds == 2
+    assert tiny.study.arms.lr == [1e-3, 3e-3]
+    assert [arm.name for arm in tiny.study.arms.arms] == [
+        "fcn.base",
+        "fcn.resnet18",
+        "fcn.mlp_trained",
+    ]
+    (step,) = tiny.study.prepare  # the trained guide's step, once, and short
+    assert step.set["train.max_steps_per_epoch"] == 3 and step.set["target"] == MLP
+    assert tiny.base.train.epochs == 2
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
