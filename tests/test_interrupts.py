@@ -328,3 +328,36 @@ def test_a_ctrl_c_two_worker_study_resumes_its_trial_with_both_workers_into_its_
     assert len(child.data.tags["replicas"].split(",")) == 1  # its other worker, resumed too
     history = client.get_metric_history(child.info.run_id, "val/loss")
     assert sorted(m.step for m in history) == [1, 2, 3]  # epoch 1 kept, none run twice
+
+
+def test_a_ctrl_c_arms_study_counts_its_cut_seeds_as_killed_not_failed(ray_local, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict("cut-arms", tmp_path, space="arms", metric="best/top1")
+    spec["study"].pop("space_options")
+    spec["study"]["arms"] = {"seeds": 2, "arms": [{"name": "base", "set": {}}]}
+    spec["target"] = scripted_target(markers, hold_at=STEPS + 2)  # mid-epoch 2 of each seed
+    spec["guidance"] = {"kind": "none"}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    log = tmp_path / "driver.log"
+    command = [str(BIN / "guidance-tune"), "study", "launch", str(path)]
+    driver = start(command, log, {**os.environ, "RAY_ADDRESS": ""})
+    try:
+        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "held")
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        (markers / RELEASE_FILE).touch()
+        driver.wait(timeout=180)
+    finally:
+        stop(driver)
+        reap(driver)
+    output = log.read_text()
+    assert driver.returncode == 130, output[-3000:]
+    # one seed at a time (max_concurrent_trials 1): the first, cut off, is not a failure
+    assert "study cut-arms: 1 trials, 0 failed" in output
+    assert "interrupted: continue with" in output
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("cut-arms").experiment_id
+    seeds = client.search_runs([experiment], "tags.`guidance_tune.role` = 'trial'")
+    assert [run.data.tags["status"] for run in seeds] == ["killed"]

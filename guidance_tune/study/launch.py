@@ -286,7 +286,7 @@ def _end_seed_stage(spec: StudyConfig, tracking: TrialTracking, parent: RunRecor
 def _run_arms_study(
     spec: StudyConfig, tracking: TrialTracking, parent: RunRecord, experiment_dir: str
 ) -> StudyResult:
-    from guidance_tune.study.stages import DONE, run_arms
+    from guidance_tune.study.stages import run_arms
     from guidance_tune.tracking.results import study_children, trial_rows
 
     run_arms(spec, tracking)
@@ -302,7 +302,7 @@ def _run_arms_study(
         best_value=None,
         best_params={},
         num_trials=len(rows),
-        num_errors=sum(row.status not in DONE for row in rows),
+        num_errors=sum(row.status == Outcome.FAILED.value for row in rows),  # not cut-off ones
         interrupted=table is None,
         seed_table=table,
     )
