@@ -292,6 +292,26 @@ def test_a_ctrl_c_train_prints_the_command_that_resumes_it_into_the_same_mlflow_
     assert sorted(steps_logged) == [1, 2, 3]
 
 
+def _ctrl_c_once_held(path: Path, markers: Path) -> str:
+    """``study launch path`` in a driver process, Ctrl-C'd once a trial holds (its scripted
+    target's ``held-*`` marker), then released; the driver's output, its exit code 130."""
+    log = path.with_suffix(".log")
+    command = [str(BIN / "guidance-tune"), "study", "launch", str(path)]
+    driver = start(command, log, {**os.environ, "RAY_ADDRESS": ""})
+    try:
+        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "held")
+        assert driver.poll() is None, log.read_text()[-3000:]
+        driver.send_signal(signal.SIGINT)
+        (markers / RELEASE_FILE).touch()
+        driver.wait(timeout=180)
+    finally:
+        stop(driver)
+        reap(driver)
+    output = log.read_text()
+    assert driver.returncode == 130, output[-3000:]
+    return output
+
+
 def test_a_ctrl_c_two_worker_study_resumes_its_trial_with_both_workers_into_its_run(
     ray_local, tmp_path
 ):
@@ -307,19 +327,7 @@ def test_a_ctrl_c_two_worker_study_resumes_its_trial_with_both_workers_into_its_
     spec["target"] = scripted_target(markers, hold_at=STEPS + 2)  # mid-epoch 2
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
-    log = tmp_path / "driver.log"
-    command = [str(BIN / "guidance-tune"), "study", "launch", str(path)]
-    driver = start(command, log, {**os.environ, "RAY_ADDRESS": ""})
-    try:
-        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "held")
-        assert driver.poll() is None, log.read_text()[-3000:]
-        driver.send_signal(signal.SIGINT)
-        (markers / RELEASE_FILE).touch()
-        driver.wait(timeout=180)
-    finally:
-        stop(driver)
-        reap(driver)
-    assert driver.returncode == 130, log.read_text()[-3000:]
+    _ctrl_c_once_held(path, markers)
     assert main(["study", "launch", str(path), "--resume"]) == 0
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("cut-workers").experiment_id
@@ -340,20 +348,7 @@ def test_a_ctrl_c_arms_study_counts_its_cut_seeds_as_killed_not_failed(ray_local
     spec["guidance"] = {"kind": "none"}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
-    log = tmp_path / "driver.log"
-    command = [str(BIN / "guidance-tune"), "study", "launch", str(path)]
-    driver = start(command, log, {**os.environ, "RAY_ADDRESS": ""})
-    try:
-        wait_until(lambda: any(markers.glob("held-*")) or driver.poll() is not None, 240, "held")
-        assert driver.poll() is None, log.read_text()[-3000:]
-        driver.send_signal(signal.SIGINT)
-        (markers / RELEASE_FILE).touch()
-        driver.wait(timeout=180)
-    finally:
-        stop(driver)
-        reap(driver)
-    output = log.read_text()
-    assert driver.returncode == 130, output[-3000:]
+    output = _ctrl_c_once_held(path, markers)
     # one seed at a time (max_concurrent_trials 1): the first, cut off, is not a failure
     assert "study cut-arms: 1 trials, 0 failed" in output
     assert "interrupted: continue with" in output
