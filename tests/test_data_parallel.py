@@ -313,6 +313,19 @@ def test_a_study_of_more_workers_than_its_batch_splits_into_is_refused(capsys):
     assert "make it a multiple of 3" in capsys.readouterr().err
 
 
+def test_a_searched_batch_size_that_does_not_split_over_the_workers_is_refused(capsys):
+    # the drawn sample may be 32: every choice is checked, not only the one drawn
+    spec = str(Path(__file__).parents[1] / "studies" / "quickstart.yaml")
+    workers = ["--set", "study.resources.workers=4"]
+    sizes = "study.space_options.batch_sizes=[32,64,50]"
+    assert main(["study", "check", spec, *workers, "--set", sizes]) == 2
+    error = capsys.readouterr().err
+    assert "study.space_options for 'guidance' can choose train.batch_size 50" in error
+    assert "make it a multiple of 4" in error
+    sizes = "study.space_options.batch_sizes=[32,64]"
+    assert main(["study", "check", spec, *workers, "--set", sizes]) == 0
+
+
 def test_the_smoke_test_of_an_8_gpu_study_runs_2_cpu_workers():
     from guidance_tune.study.checks import load_study, smoke
 

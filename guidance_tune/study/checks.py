@@ -20,6 +20,8 @@ from guidance_tune.study.config import StudyConfig, load_study_config, study_to_
 from guidance_tune.study.context import trial_config
 from guidance_tune.training.checks import check_run
 
+BATCH_SIZE = "train.batch_size"  # the searched field whose every choice is checked
+
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """A study file as it enters: validated, its paths (and its space's path options) absolute."""
@@ -93,9 +95,29 @@ def check_space(spec: StudyConfig) -> dict[str, Any]:
         constants = space.sample(trial, base=base, **options) or {}
     except ConfigError as error:
         raise ConfigError(f"study.space_options for {space.name!r}: {error}") from None
-    for params in (baseline, {**trial.params, **constants}):
+    sampled = {**trial.params, **constants}
+    for params in _each_batch_size(trial, sampled):
+        try:
+            check_run(trial_config(spec.base, params))
+        except ConfigError as error:
+            raise ConfigError(
+                f"study.space_options for {space.name!r} can choose {BATCH_SIZE} "
+                f"{params[BATCH_SIZE]}, which no trial could run: {error}"
+            ) from None
+    for params in (baseline, sampled):
         check_run(trial_config(spec.base, params))
     return baseline
+
+
+def _each_batch_size(trial: Any, sampled: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The sample at each batch size the space can choose: one that does not split over the
+    study's workers is refused now, not by the trial that would draw it."""
+    from optuna.distributions import CategoricalDistribution
+
+    distribution = trial.distributions.get(BATCH_SIZE)
+    if isinstance(distribution, CategoricalDistribution):
+        for size in distribution.choices:
+            yield {**sampled, BATCH_SIZE: size}
 
 
 def check_resources(spec: StudyConfig) -> None:
