@@ -125,8 +125,8 @@ def test_a_matrix_that_cannot_run_is_refused_naming_the_field(tmp_path, change, 
         parse_study_config(data)
 
 
-def _arm(name, top1):
-    return ArmResult(name, len(top1), {"test/top1": top1}, epochs=2)
+def _arm(name, top1, runs=None):
+    return ArmResult(name, runs or len(top1), {"test/top1": top1}, epochs=2)
 
 
 def test_each_cell_gains_over_its_own_rows_base_with_a_welch_interval(tmp_path):
@@ -138,7 +138,7 @@ def test_each_cell_gains_over_its_own_rows_base_with_a_welch_interval(tmp_path):
         _arm("fcn.resnet18", [0.40, 0.46]),
         _arm("fcn.mlp_trained", [0.18, 0.22]),
         _arm("wide.base", [0.60, 0.62]),
-        _arm("wide.resnet18", [0.70, 0.74]),
+        _arm("wide.resnet18", [0.70, 0.74], runs=3),  # a third seed failed
     ]  # wide.mlp_trained has no result: its cell says so
     alignments = {"fcn.resnet18": Alignment(guided=[0.6, 0.7], base=[0.3, 0.3], chance=[0.1, 0.1])}
     cells = {(c.target, c.guide): c for c in matrix_cells(matrix, results, alignments)}
@@ -153,6 +153,7 @@ def test_each_cell_gains_over_its_own_rows_base_with_a_welch_interval(tmp_path):
         line for line in text.splitlines() if line.startswith("wide  ") and "resnet18" in line
     )
     assert f"{expected.difference * 100:+.2f}" in line
+    assert " 2 of 3 " in line  # the seeds with a result, of the runs
     fcn = next(line for line in text.splitlines() if "fcn" in line and "resnet18" in line)
     assert "0.650" in fcn and "0.300" in fcn and "0.100" in fcn
     figure = matrix_figure(matrix, results, list(cells.values()), "m")

@@ -28,10 +28,13 @@ from guidance_tune.study.seeds import (
     Interval,
     arm_results,
     compare,
+    csv_number,
     difference_cell,
     mean_std_cell,
     metric_scale,
+    seeds_cell,
 )
+from guidance_tune.tracking.analysis import measure_cell
 from guidance_tune.tracking.record import ARM_TAG
 from guidance_tune.tracking.results import TrialRow, text_table
 
@@ -119,7 +122,7 @@ def _rows(
         base = by_arm.get(matrix_cell(target.name, MATRIX_BASE))
         if base is not None:
             score = mean_std_cell(*base.mean_std(metric), scale)
-            lines.append([target.name, MATRIX_BASE, str(base.runs), score, "-", "-", "-", "-"])
+            lines.append([target.name, MATRIX_BASE, seeds_cell(base), score, "-", "-", "-", "-"])
         for cell in (c for c in cells if c.target == target.name):
             result = cell.result
             score = "-" if result is None else mean_std_cell(*result.mean_std(metric), scale)
@@ -127,7 +130,7 @@ def _rows(
                 [
                     cell.target,
                     cell.guide,
-                    "0" if result is None else str(result.runs),
+                    "0" if result is None else seeds_cell(result),
                     score,
                     "-" if cell.gain is None else difference_cell(cell.gain, scale),
                     _value(cell.alignment.guided),
@@ -139,8 +142,7 @@ def _rows(
 
 
 def _value(values: list[float]) -> str:
-    mean = _mean(values)
-    return "-" if math.isnan(mean) else f"{mean:.3f}"
+    return measure_cell(_mean(values))
 
 
 def _note(matrix: MatrixSettings, results: list[ArmResult]) -> str:
@@ -199,9 +201,7 @@ def matrix_csv(matrix: MatrixSettings, results: list[ArmResult], cells: list[Cel
             _mean(cell.alignment.chance),
         ]
         runs = cell.result.runs if cell.result else 0
-        writer.writerow(
-            [cell.target, cell.guide, runs, *("" if math.isnan(v) else repr(v) for v in values)]
-        )
+        writer.writerow([cell.target, cell.guide, runs, *(csv_number(v) for v in values)])
     return buffer.getvalue()
 
 

@@ -165,7 +165,7 @@ def table_cells(results: list[ArmResult], reference: str) -> tuple[list[str], li
     base = next((r for r in results if r.arm == reference), None)
     lines = []
     for result in results:
-        cells = [result.arm, _seeds(result), str(result.epochs)]
+        cells = [result.arm, seeds_cell(result), str(result.epochs)]
         cells += [mean_std_cell(*result.mean_std(m), metric_scale(m)) for m in metrics]
         interval = None if base is None or result is base else compare(result, base)
         cells.append("-" if interval is None else difference_cell(interval, metric_scale(compared)))
@@ -178,7 +178,7 @@ def difference_cell(interval: Interval, scale: float) -> str:
     return f"{interval.difference * scale:+.2f} ({low:+.1f}..{high:+.1f})"
 
 
-def _seeds(result: ArmResult) -> str:
+def seeds_cell(result: ArmResult) -> str:
     """Seeds with a test result; of how many runs, when some have none (failed, diverged)."""
     counted = len(result.values.get(result.compared, []))
     return str(counted) if counted == result.runs else f"{counted} of {result.runs}"
@@ -216,12 +216,13 @@ def seed_csv(results: list[ArmResult]) -> str:
         cells: list[str] = []
         for metric in metrics:
             mean, spread = result.mean_std(metric)
-            cells += [_number(mean), _number(spread), str(len(result.values.get(metric, [])))]
+            cells += [csv_number(mean), csv_number(spread), str(len(result.values.get(metric, [])))]
         writer.writerow([result.arm, result.runs, result.epochs, *cells])
     return buffer.getvalue()
 
 
-def _number(value: float) -> str:
+def csv_number(value: float) -> str:
+    """A CSV cell at full precision; empty where the value is undefined."""
     return "" if math.isnan(value) else repr(value)
 
 

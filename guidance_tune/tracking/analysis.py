@@ -198,7 +198,8 @@ def analysis_figure(result: RunAnalysis) -> Figure:
     return figure
 
 
-def _cell(value: float) -> str:
+def measure_cell(value: float) -> str:
+    """A measure at 3 decimals, '-' where it is undefined."""
     return "-" if math.isnan(value) else f"{value:.3f}"
 
 
@@ -216,17 +217,20 @@ def analysis_text(results: list[RunAnalysis]) -> str:
         if analysis.pairs:
             rows = [
                 [f"{pair.target} <- {pair.guide}"]
-                + [f"{_cell(pair.scores[n])} ({_cell(pair.chance[n])})" for n in MEASURES]
+                + [
+                    f"{measure_cell(pair.scores[n])} ({measure_cell(pair.chance[n])})"
+                    for n in MEASURES
+                ]
                 for pair in analysis.pairs
             ]
             lines.append(text_table(["pair (chance)", *MEASURES], rows))
         else:
             lines.append(f"no pair measures: {result.note or 'no guide'}")
         dims = [analysis.dimensions[layer] for layer in analysis.target_layers]
-        lines.append("intrinsic dimension by depth: " + " ".join(_cell(d) for d in dims))
+        lines.append("intrinsic dimension by depth: " + " ".join(measure_cell(d) for d in dims))
         blocks.append("\n".join(lines))
     pairs = [
-        [first.run_id[:8], second[:8], _cell(value.kappa), f"{value.observed:.3f}"]
+        [first.run_id[:8], second[:8], measure_cell(value.kappa), f"{value.observed:.3f}"]
         for i, first in enumerate(results)
         for second, value in first.consistency.items()
         if second in {r.run_id for r in results[i + 1 :]}
