@@ -97,6 +97,30 @@ def test_a_lower_perplexity_wins_and_is_shown_as_it_is_not_in_points():
     assert "62.00 +- 2.83" in text and "-21.00 (" in text  # perplexity, not x100
 
 
+def test_each_arm_can_be_compared_with_its_own_reference_as_a_matrix_row_with_its_base():
+    values = {
+        "a.base": (0.10, 0.12),
+        "a.g": (0.30, 0.34),
+        "b.base": (0.80, 0.82),
+        "b.g": (0.70, 0.74),
+    }
+    rows = [
+        _row(arm, s, **{"test/top1": v}) for arm, vs in values.items() for s, v in enumerate(vs)
+    ]
+    results = arm_results(rows, list(values))
+    references = {"a.g": "a.base", "b.g": "b.base"}
+    markdown = seed_markdown(results, references, "demo")
+    assert "top-1 vs its reference (95% CI)" in markdown
+    b_line = next(line for line in markdown.splitlines() if line.startswith("| b.g |"))
+    assert "| -9.00 (" in b_line  # against b.base, not a.base's +61
+    assert "b.g" in next(v for v in markdown.splitlines() if "b.base on" in v)
+    a_base = next(line for line in markdown.splitlines() if line.startswith("| a.base |"))
+    assert a_base.endswith("| - |")  # a base is its own row's reference
+    text = seed_text([results[0], results[1], results[3]], references)  # b.base without runs
+    assert "no run of the reference arm 'b.base': nothing to compare with" in text
+    assert "a.g beats a.base on test top-1 by 21.0 points" in text
+
+
 def test_markdown_and_csv_hold_the_same_figures():
     results = arm_results(ROWS, ["base", "guided"])
     markdown = seed_markdown(results, "base", "demo")

@@ -430,8 +430,8 @@ def matrix_prepare_steps(study: str, matrix: MatrixSettings) -> list[PrepareStep
 
 def matrix_arms(matrix: MatrixSettings, steps: list[PrepareStep]) -> ArmsSettings:
     """The cells as arms, row by row: ``<target>.base`` (unguided), then ``<target>.<guide>``
-    for each guide (its ``guide.weights`` the trained guide's file); the first row's base is
-    the reference arm of the seed table (the matrix compares each row with its own base)."""
+    for each guide (its ``guide.weights`` the trained guide's file). The seed table compares
+    each cell with its row's base (:func:`matrix_references`), not with ``reference``."""
     weights = {step.name: step.weights for step in steps}
     arms = []
     for target in matrix.targets:
@@ -450,6 +450,15 @@ def matrix_arms(matrix: MatrixSettings, steps: list[PrepareStep]) -> ArmsSetting
 def matrix_cell(target: str, guide: str) -> str:
     """The arm of a cell: ``<target>.<guide>`` (neither label holds a dot)."""
     return f"{target}.{guide}"
+
+
+def matrix_references(matrix: MatrixSettings) -> dict[str, str]:
+    """Each cell's reference arm in the seed table: its row's base."""
+    return {
+        matrix_cell(target.name, guide.name): matrix_cell(target.name, MATRIX_BASE)
+        for target in matrix.targets
+        for guide in matrix.guides
+    }
 
 
 def study_to_dict(spec: StudyConfig) -> dict[str, Any]:

@@ -22,7 +22,9 @@ def study_params(spec: StudyConfig) -> dict[str, str]:
     if settings.arms is not None:
         params["arms"] = ", ".join(arm.name for arm in settings.arms.arms)
         params["seeds"] = str(settings.arms.seeds)
-        params["reference"] = str(settings.arms.reference)
+        params["reference"] = (
+            "each row's base" if settings.matrix is not None else str(settings.arms.reference)
+        )
         if settings.arms.lr:
             params["lr_grid"] = ", ".join(f"{lr:g}" for lr in settings.arms.lr)
         return params

@@ -14,7 +14,7 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +41,10 @@ CURVE_METRICS = ("train/task_loss", "val/loss")
 TABLE_ARTIFACT = "report/seeds.md"
 CSV_ARTIFACT = "report/seeds.csv"
 CURVES_ARTIFACT = "report/seed_curves.png"
+
+# what an arm is compared with: one reference arm for all, or per arm its own (a matrix: each
+# row's base); an arm that is its own reference, or has none, is compared with nothing
+Reference = str | Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -156,18 +160,31 @@ def table_metrics(results: list[ArmResult]) -> list[str]:
     return reported or ["test/top1", "test/top5", "test/loss"]
 
 
-def table_cells(results: list[ArmResult], reference: str) -> tuple[list[str], list[list[str]]]:
+def _reference_of(
+    result: ArmResult, results: list[ArmResult], reference: Reference
+) -> ArmResult | None:
+    """The arm ``result`` is compared with, or None (it is its own, or the reference has no
+    run)."""
+    name = reference if isinstance(reference, str) else reference.get(result.arm)
+    base = next((r for r in results if r.arm == name), None)
+    return None if base is result else base
+
+
+def table_cells(
+    results: list[ArmResult], reference: Reference
+) -> tuple[list[str], list[list[str]]]:
     """Header and rows: arm, seeds, epochs, each metric's mean +- std, the difference."""
     metrics = table_metrics(results)
     compared = next((m for m in metrics if m in COMPARED_METRICS), "test/top1")
     header = ["arm", "seeds", "epochs", *(TABLE_METRICS[m][0] for m in metrics)]
-    header.append(f"{COMPARED_METRICS[compared]} vs {reference} (95% CI)")
-    base = next((r for r in results if r.arm == reference), None)
+    against = reference if isinstance(reference, str) else "its reference"
+    header.append(f"{COMPARED_METRICS[compared]} vs {against} (95% CI)")
     lines = []
     for result in results:
         cells = [result.arm, seeds_cell(result), str(result.epochs)]
         cells += [mean_std_cell(*result.mean_std(m), metric_scale(m)) for m in metrics]
-        interval = None if base is None or result is base else compare(result, base)
+        base = _reference_of(result, results, reference)
+        interval = None if base is None else compare(result, base)
         cells.append("-" if interval is None else difference_cell(interval, metric_scale(compared)))
         lines.append(cells)
     return header, lines
@@ -184,20 +201,25 @@ def seeds_cell(result: ArmResult) -> str:
     return str(counted) if counted == result.runs else f"{counted} of {result.runs}"
 
 
-def seed_text(results: list[ArmResult], reference: str) -> str:
+def seed_text(results: list[ArmResult], reference: Reference) -> str:
     """The table and the verdicts, for the console."""
     header, lines = table_cells(results, reference)
     return "\n".join([text_table(header, lines), "", *verdicts(results, reference)])
 
 
-def verdicts(results: list[ArmResult], reference: str) -> list[str]:
-    base = next((r for r in results if r.arm == reference), None)
-    if base is None:
-        return [f"no run of the reference arm {reference!r}: nothing to compare with"]
-    return [verdict(result, base) for result in results if result is not base]
+def verdicts(results: list[ArmResult], reference: Reference) -> list[str]:
+    names = {reference} if isinstance(reference, str) else set(reference.values())
+    lines = [
+        f"no run of the reference arm {name!r}: nothing to compare with"
+        for name in sorted(names - {r.arm for r in results})
+    ]
+    for result in results:
+        if (base := _reference_of(result, results, reference)) is not None:
+            lines.append(verdict(result, base))
+    return lines
 
 
-def seed_markdown(results: list[ArmResult], reference: str, title: str) -> str:
+def seed_markdown(results: list[ArmResult], reference: Reference, title: str) -> str:
     header, lines = table_cells(results, reference)
     rows = ["| " + " | ".join(cells) + " |" for cells in [header, ["---"] * len(header), *lines]]
     notes = [f"- {line}" for line in verdicts(results, reference)]

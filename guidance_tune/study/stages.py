@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from guidance_tune.config import ConfigError
 from guidance_tune.outcome import Outcome
-from guidance_tune.study.config import StudyConfig
+from guidance_tune.study.config import StudyConfig, matrix_references
 from guidance_tune.study.context import TrialTracking, Unit
 from guidance_tune.tracking.record import STAGE_TAG, UNIT_TAG, RunRecord, open_child_runs
 from guidance_tune.tracking.results import (
@@ -27,6 +28,9 @@ from guidance_tune.tracking.results import (
     study_children,
     trial_rows,
 )
+
+if TYPE_CHECKING:
+    from guidance_tune.study.seeds import Reference
 
 DONE = (Outcome.FINISHED.value, Outcome.DIVERGED.value)
 # runs a seed table counts: a failed seed is shown as one without a result, not left out
@@ -117,14 +121,18 @@ def run_confirm(spec: StudyConfig, tracking: TrialTracking, top: int, seeds: int
     return list(sources)
 
 
-def seed_order(spec: StudyConfig, rows: list[TrialRow]) -> tuple[str, list[str], str]:
-    """The study's seed stage, its arms in table order and the reference arm: an arms study's
-    as declared; a confirmation's guided configs by search rank, then the unguided one."""
+def seed_order(spec: StudyConfig, rows: list[TrialRow]) -> tuple[str, list[str], Reference]:
+    """The study's seed stage, its arms in table order and what each is compared with: an arms
+    study's reference arm as declared (a matrix: each cell's row's base); a confirmation's
+    guided configs by search rank, then the unguided one, their reference."""
     from guidance_tune.study.arms import ARMS_STAGE, CONFIRM_STAGE, UNGUIDED_ARM
     from guidance_tune.tracking.record import ARM_TAG
 
     if spec.study.arms is not None:
-        return ARMS_STAGE, [arm.name for arm in spec.study.arms.arms], spec.study.arms.reference
+        order = [arm.name for arm in spec.study.arms.arms]
+        if spec.study.matrix is not None:
+            return ARMS_STAGE, order, matrix_references(spec.study.matrix)
+        return ARMS_STAGE, order, spec.study.arms.reference
     confirmed = {
         row.tags.get(ARM_TAG, "") for row in rows if row.tags.get(STAGE_TAG) == CONFIRM_STAGE
     }
@@ -179,7 +187,6 @@ def report_seeds(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) 
         return seed_text(results, reference)
     from guidance_tune.study.matrix import matrix_report
 
-    # each cell against its own row's base, which the seed table's one reference is not
     text, artifacts = matrix_report(spec.base.name, matrix, tracking.tracking_uri, rows)
     parent.log_artifacts(artifacts)
     return text
