@@ -13,6 +13,7 @@ from guidance_tune.cli.main import main
 from guidance_tune.config import ConfigError
 from guidance_tune.study.config import StudyConfig, parse_study_config, study_to_dict
 from guidance_tune.study.matrix import (
+    ALIGNMENTS_ARTIFACT,
     CSV_ARTIFACT,
     FIGURE_ARTIFACT,
     TABLE_ARTIFACT,
@@ -175,6 +176,7 @@ def test_a_matrix_study_reports_gains_and_held_out_alignment_per_cell(
     assert main(["study", "launch", str(path)]) == 0
     out = capsys.readouterr().out
     assert "gain vs base (95% CI)" in out
+    assert "alignments: 8 of 8 measured now" in out  # 2 cells x 2 seeds, guided and base
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     parent, children = find_study(uri, "mx")
     assert parent.info.status == "FINISHED"
@@ -183,7 +185,7 @@ def test_a_matrix_study_reports_gains_and_held_out_alignment_per_cell(
     assert len(seeds) == 3 * 2
     client = mlflow.MlflowClient(uri)
     listed = {artifact.path for artifact in client.list_artifacts(parent.info.run_id, "report")}
-    assert {TABLE_ARTIFACT, CSV_ARTIFACT, FIGURE_ARTIFACT} <= listed
+    assert {TABLE_ARTIFACT, CSV_ARTIFACT, FIGURE_ARTIFACT, ALIGNMENTS_ARTIFACT} <= listed
     local = client.download_artifacts(parent.info.run_id, CSV_ARTIFACT, str(tmp_path))
     cells = {row["guide"]: row for row in csv.DictReader(io.StringIO(Path(local).read_text()))}
     assert set(cells) == {"resnet18", "mlp_trained"}
@@ -204,4 +206,9 @@ def test_a_matrix_study_reports_gains_and_held_out_alignment_per_cell(
     # the tables again from MLflow, the matrix read back from the study's study.json
     assert main(["study", "table", "mx", "--tracking-uri", uri]) == 0
     again = capsys.readouterr().out
-    assert "gain vs base (95% CI)" in again and "mlp_trained" in again
+    assert "alignments: 0 of 8 measured now" in again  # read back, the same table
+
+    def matrix_lines(text):
+        return [line for line in text.splitlines() if line.startswith("fcn ")]
+
+    assert len(matrix_lines(again)) == 3 and matrix_lines(again) == matrix_lines(out)

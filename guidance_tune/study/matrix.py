@@ -7,17 +7,20 @@ the cell's mapped pairs (:mod:`guidance_tune.training.analysis`), beside two rea
 row's base target measured against the same guide (the same seed's guide, the same pairs), which
 is how aligned the target gets without guidance, and chance (the guided measure with the guide's
 samples shuffled). Logged on the study's parent run as ``report/matrix.md``, ``.csv`` and
-``.png`` (two heatmaps, rows targets, columns guides).
+``.png`` (two heatmaps, rows targets, columns guides), with every measure of every measured run
+in ``report/matrix_alignments.json``, from which ``study table`` reads what it need not measure
+again.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from guidance_tune.metrics import direction
 from guidance_tune.outcome import Outcome
@@ -46,6 +49,8 @@ if TYPE_CHECKING:
 TABLE_ARTIFACT = "report/matrix.md"
 CSV_ARTIFACT = "report/matrix.csv"
 FIGURE_ARTIFACT = "report/matrix.png"
+ALIGNMENTS_ARTIFACT = "report/matrix_alignments.json"  # every measure, per measured run
+PERMUTATIONS = 5  # shuffles of the guide's samples behind each chance level
 SPLIT = "val"
 MEASURED = (Outcome.FINISHED.value, Outcome.DIVERGED.value)  # runs with best weights to measure
 
@@ -277,16 +282,48 @@ def matrix_figure(
     return figure
 
 
+def _key(run_id: str, under: str) -> str:
+    return f"{run_id} under {under}"
+
+
+def _pair_means(analysis: Analysis) -> dict[str, dict[str, float | None]]:
+    """Every measure's mean over the mapped pairs, and at chance (JSON: None for undefined)."""
+    names = analysis.pairs[0].scores if analysis.pairs else {}
+
+    def mean(name: str, chance: bool) -> float | None:
+        value = pair_mean(analysis, name, chance)
+        return None if math.isnan(value) else value
+
+    return {kind: {n: mean(n, kind == "chance") for n in names} for kind in ("scores", "chance")}
+
+
+def _read(means: dict[str, dict[str, float | None]], kind: str, measure: str) -> float:
+    value = means[kind].get(measure)
+    return math.nan if value is None else value
+
+
 def measure_alignments(
-    matrix: MatrixSettings, tracking_uri: str, rows: list[TrialRow], permutations: int = 5
-) -> dict[str, Alignment]:
+    matrix: MatrixSettings,
+    tracking_uri: str,
+    rows: list[TrialRow],
+    known: dict[str, Any] | None = None,
+    permutations: int = PERMUTATIONS,
+) -> tuple[dict[str, Alignment], dict[str, Any], int]:
     """Per guided cell, each seed's measures on val: the cell's run under its own config, and
-    the same seed's base run under the cell's config (its guide, its pairs)."""
+    the same seed's base run under the cell's config (its guide, its pairs). ``known``: what an
+    earlier report measured (``ALIGNMENTS_ARTIFACT``); a finished run's best weights do not
+    change, so only runs it lacks are measured. Returns the alignments, the record of every
+    measure (to log as ``ALIGNMENTS_ARTIFACT``) and how many were measured now."""
     from guidance_tune.tracking.analysis import analyse_under
     from guidance_tune.tracking.record import load_run_config_from_mlflow
 
+    same = known is not None and (known.get("split"), known.get("permutations")) == (
+        SPLIT,
+        permutations,
+    )
+    record = dict(known["measured"]) if same else {}
     runs = {(row.tags[ARM_TAG], row.tags.get("seed", "")): row for row in rows}
-    measured, keys = [], []
+    wanted, missing = [], []  # (arm, kind, key); (run id, config) to measure
     for target in matrix.targets:
         base_arm = matrix_cell(target.name, MATRIX_BASE)
         for guide in matrix.guides:
@@ -294,28 +331,40 @@ def measure_alignments(
             for (name, seed), row in sorted(runs.items()):
                 if name != arm:
                     continue
-                config = load_run_config_from_mlflow(tracking_uri, row.run_id)
-                measured.append((row.run_id, config))
-                keys.append((arm, "guided"))
+                measured = [("guided", row.run_id)]
                 if (base := runs.get((base_arm, seed))) is not None:
-                    measured.append((base.run_id, config))
-                    keys.append((arm, "base"))
-    analyses = analyse_under(tracking_uri, measured, SPLIT, permutations=permutations)
+                    measured.append(("base", base.run_id))
+                keys = [(kind, run_id, _key(run_id, row.run_id)) for kind, run_id in measured]
+                wanted += [(arm, kind, key) for kind, _, key in keys]
+                new = [(run_id, key) for _, run_id, key in keys if key not in record]
+                if new:
+                    config = load_run_config_from_mlflow(tracking_uri, row.run_id)
+                    missing += [(run_id, config, key) for run_id, key in new]
+    measured_now = [(run_id, config) for run_id, config, _ in missing]
+    analyses = analyse_under(tracking_uri, measured_now, SPLIT, permutations=permutations)
+    for (_, _, key), analysis in zip(missing, analyses, strict=True):
+        record[key] = _pair_means(analysis)
     alignments: dict[str, Alignment] = {}
-    for (arm, kind), analysis in zip(keys, analyses, strict=True):
+    for arm, kind, key in wanted:
         alignment = alignments.setdefault(arm, Alignment())
         if kind == "guided":
-            alignment.guided.append(pair_mean(analysis, matrix.measure))
-            alignment.chance.append(pair_mean(analysis, matrix.measure, chance=True))
+            alignment.guided.append(_read(record[key], "scores", matrix.measure))
+            alignment.chance.append(_read(record[key], "chance", matrix.measure))
         else:
-            alignment.base.append(pair_mean(analysis, matrix.measure))
-    return alignments
+            alignment.base.append(_read(record[key], "scores", matrix.measure))
+    kept = {"split": SPLIT, "permutations": permutations, "measured": record}
+    return alignments, kept, len(missing)
 
 
 def matrix_report(
-    study: str, matrix: MatrixSettings, tracking_uri: str, rows: list[TrialRow]
+    study: str,
+    matrix: MatrixSettings,
+    tracking_uri: str,
+    rows: list[TrialRow],
+    known: dict[str, Any] | None = None,
 ) -> tuple[str, dict[str, Figure | str]]:
-    """The console's text and the parent run's artifacts, from the seed runs ``rows``."""
+    """The console's text and the parent run's artifacts, from the seed runs ``rows`` (and
+    ``known``, the alignments an earlier report logged)."""
     order = [
         matrix_cell(target.name, guide)
         for target in matrix.targets
@@ -323,11 +372,18 @@ def matrix_report(
     ]
     results = arm_results(rows, order)
     ended = [row for row in rows if row.status in MEASURED]
-    cells = matrix_cells(matrix, results, measure_alignments(matrix, tracking_uri, ended))
+    alignments, record, fresh = measure_alignments(matrix, tracking_uri, ended, known)
+    cells = matrix_cells(matrix, results, alignments)
     title = f"{study}: guide x target matrix"
     artifacts = {
         TABLE_ARTIFACT: matrix_markdown(matrix, results, cells, title),
         CSV_ARTIFACT: matrix_csv(matrix, results, cells),
         FIGURE_ARTIFACT: matrix_figure(matrix, results, cells, title),
+        ALIGNMENTS_ARTIFACT: json.dumps(record, indent=1),
     }
-    return matrix_text(matrix, results, cells), artifacts
+    total = sum(len(a.guided) + len(a.base) for a in alignments.values())
+    how = (
+        f"alignments: {fresh} of {total} measured now, {total - fresh} read back from "
+        f"{ALIGNMENTS_ARTIFACT}"
+    )
+    return "\n".join([matrix_text(matrix, results, cells), how]), artifacts

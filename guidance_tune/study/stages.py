@@ -185,9 +185,10 @@ def report_seeds(spec: StudyConfig, tracking: TrialTracking, parent: RunRecord) 
     )
     if (matrix := spec.study.matrix) is None:
         return seed_text(results, reference)
-    from guidance_tune.study.matrix import matrix_report
+    from guidance_tune.study.matrix import ALIGNMENTS_ARTIFACT, matrix_report
 
-    text, artifacts = matrix_report(spec.base.name, matrix, tracking.tracking_uri, rows)
+    known = parent.read_dict(ALIGNMENTS_ARTIFACT)  # what an earlier report measured
+    text, artifacts = matrix_report(spec.base.name, matrix, tracking.tracking_uri, rows, known)
     parent.log_artifacts(artifacts)
     return text
 

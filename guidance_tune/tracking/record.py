@@ -279,6 +279,17 @@ class RunRecord:
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
         self._client.log_dict(self.run_id, data, artifact_file)
 
+    def read_dict(self, artifact_file: str) -> dict[str, Any] | None:
+        """A JSON artifact of the run as logged, or None where it has none."""
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                local = self._client.download_artifacts(self.run_id, artifact_file, scratch)
+            except (MlflowException, OSError):
+                return None
+            return json.loads(Path(local).read_text())
+
     def log_artifacts(self, artifacts: dict[str, Any]) -> None:
         """Artifact path -> text (logged as a file) or matplotlib figure (as an image)."""
         for path, artifact in artifacts.items():
