@@ -16,6 +16,7 @@ from guidance_tune.data.files import require_data_files
 from guidance_tune.data.readers import read_idx
 from guidance_tune.data.splits import (
     DataSplits,
+    Share,
     load_data,
     random_crop_flip,
     sample_batch,
@@ -355,6 +356,59 @@ def test_imagefolder_augmentation_does_not_depend_on_worker_count(tmp_path):
     in_process = _all_batches(_load(**config, num_workers=0).train, shuffle=True, epoch=2)
     with_workers = _all_batches(_load(**config, num_workers=2).train, shuffle=True, epoch=2)
     assert torch.equal(in_process[0], with_workers[0])
+
+
+class _CountingFolder(torch.utils.data.Dataset):
+    """An image folder that counts the images it decodes."""
+
+    def __init__(self, folder):
+        self.folder, self.samples, self.decoded = folder, folder.samples, 0
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, index):
+        self.decoded += 1
+        return self.folder[index]
+
+
+def _replica_batches(source, share, drop_last, batch_size=4):
+    return list(
+        source.batches(batch_size, epoch=3, seed=1, shuffle=True, drop_last=drop_last, share=share)
+    )
+
+
+@pytest.mark.parametrize("kind", ["images_on_device", "imagefolder", "tokens"])
+def test_each_replica_reads_only_its_rows_or_its_batches_of_the_whole_split(tmp_path, kind):
+    if kind == "imagefolder":
+        _write_imagefolder(tmp_path)
+        fields = {"root": tmp_path, "image_size": 8, "num_workers": 0}
+        source = _load(name="imagefolder", augment=True, **fields).train
+        source.images.folder = counting = _CountingFolder(source.images.folder)
+    elif kind == "images_on_device":
+        source = _load(
+            name="synthetic", synthetic_samples=40, synthetic_size=12, augment=True
+        ).train
+    else:
+        source = _load(name="parity", n_train=40).train
+    for drop_last in (True, False):
+        whole = _replica_batches(source, Share(), drop_last)
+        two = [_replica_batches(source, Share(r, 2, "batches"), drop_last) for r in (0, 1)]
+        assert [len(t) for t in two] == [len(whole[0::2]), len(whole[1::2])]
+        for r in (0, 1):  # whole batches r, r + 2, ...: the same tensors
+            for (x, y), (x_whole, y_whole) in zip(two[r], whole[r::2], strict=True):
+                assert torch.equal(x, x_whole) and torch.equal(y, y_whole)
+    whole = _replica_batches(source, Share(), drop_last=True)
+    if kind == "imagefolder":
+        counting.decoded = 0
+    rows = [_replica_batches(source, Share(r, 2, "rows"), drop_last=True) for r in (0, 1)]
+    if kind == "imagefolder":  # each replica decoded its own rows, not the global batch
+        assert counting.decoded == sum(len(y) for _, y in whole)
+    for k, (x_whole, y_whole) in enumerate(whole):  # the rows side by side: batch k
+        assert torch.equal(torch.cat([rows[0][k][0], rows[1][k][0]]), x_whole)
+        assert torch.equal(torch.cat([rows[0][k][1], rows[1][k][1]]), y_whole)
+    with pytest.raises(ValueError, match="does not split evenly over 3 replicas"):
+        _replica_batches(source, Share(0, 3, "rows"), drop_last=True)
 
 
 def test_imagefolder_missing_split_folder_is_a_config_error(tmp_path):

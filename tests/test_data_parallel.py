@@ -202,7 +202,15 @@ RUN_YAML = {
     # the last-bit differences of any two reduction orders (two thread counts of one process
     # too) grow into 1e-3 apart by the second epoch
     "optim": {"optimizer": "sgd", "lr": 0.05},
-    "train": {"epochs": 2, "batch_size": 32, "max_steps_per_epoch": 10, "threads": 1},
+    # 3 of val's ~6 eval batches: replica 0 scores batches 0 and 2, replica 1 batch 1
+    "train": {
+        "epochs": 2,
+        "batch_size": 32,
+        "max_steps_per_epoch": 10,
+        "eval_batch_size": 32,
+        "max_eval_batches": 3,
+        "threads": 1,
+    },
 }
 LOGGED = ("train/loss", "train/guidance_loss", "val/loss", "val/top1", "best/loss")
 

@@ -34,7 +34,9 @@ from torch import Tensor
 
 from guidance_tune.config import DataConfig
 from guidance_tune.data.splits import (
+    WHOLE,
     DataSplits,
+    Share,
     ValidPositions,
     count_batches,
     epoch_generator,
@@ -108,15 +110,21 @@ class TokenSource:
         return count_batches(self.num_samples, batch_size, drop_last)
 
     def batches(
-        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+        self,
+        batch_size: int,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        share: Share = WHOLE,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         generator = epoch_generator(seed, epoch)
         n = self.num_samples
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.inputs.device)
-        stop = self.num_batches(batch_size, drop_last=drop_last) * batch_size
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
+        for low, high in share.ranges(n, batch_size, drop_last):
+            index = order[low:high]
             yield self.inputs[index], self.targets[index]
 
 

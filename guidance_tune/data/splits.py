@@ -49,10 +49,47 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class Share:
+    """What replica ``index`` of ``count`` data-parallel replicas reads of a split's batches,
+    so that none reads (an image folder: decodes) what another one uses: ``by="rows"``, its
+    rows ``[index b / count, (index + 1) b / count)`` of every batch (training: the global
+    batch split, :func:`~guidance_tune.training.parallel.shard`'s rows), or ``by="batches"``,
+    the whole batches ``index, index + count, ...`` (evaluation: scored apart and summed)."""
+
+    index: int = 0
+    count: int = 1
+    by: Literal["rows", "batches"] = "rows"
+
+    def ranges(
+        self, num_samples: int, batch_size: int, drop_last: bool
+    ) -> Iterator[tuple[int, int]]:
+        """Positions ``[low, high)`` in the epoch's sample order, one pair per batch read."""
+        batches = count_batches(num_samples, batch_size, drop_last)
+        starts = range(0, batches * batch_size, batch_size)
+        if self.by == "batches":
+            starts = starts[self.index :: self.count]
+        for start in starts:
+            low, high = start, min(start + batch_size, num_samples)
+            if self.by == "rows" and self.count > 1:
+                if (high - low) % self.count:
+                    raise ValueError(
+                        f"a batch of {high - low} does not split evenly over {self.count} "
+                        "replicas: the whole-batch Grams need equal shards"
+                    )
+                rows = (high - low) // self.count
+                low, high = low + self.index * rows, low + (self.index + 1) * rows
+            yield low, high
+
+
+WHOLE = Share()  # a single process reads every row of every batch
+
+
 class BatchSource(Protocol):
     """One split, batched. ``x``: float32 ``(b, C, H, W)`` normalised, or int64 tokens
     ``(b, T)``, on the source's device; ``y``: int64 ``(b,)``, or ``(b, T)`` for a target per
-    position. ``num_batches`` is exactly how many batches ``batches`` yields."""
+    position. ``num_batches`` is exactly how many batches ``batches`` yields of the whole
+    split; ``share`` is what one data-parallel replica reads of them (:class:`Share`)."""
 
     num_samples: int
 
@@ -64,7 +101,14 @@ class BatchSource(Protocol):
         ...
 
     def batches(
-        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+        self,
+        batch_size: int,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        share: Share = WHOLE,
     ) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
@@ -205,7 +249,14 @@ class TensorSource:
         return count_batches(self.num_samples, batch_size, drop_last)
 
     def batches(
-        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+        self,
+        batch_size: int,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        share: Share = WHOLE,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         n, device = self.num_samples, self.images.device
         generator = epoch_generator(seed, epoch)
@@ -214,12 +265,11 @@ class TensorSource:
         shifts = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator).to(device)
         flips = (torch.rand(n, generator=generator) < 0.5).to(device)
         order = order.to(device)
-        stop = self.num_batches(batch_size, drop_last=drop_last) * batch_size
-        for start in range(0, stop, batch_size):
-            index = order[start : start + batch_size]
+        for low, high in share.ranges(n, batch_size, drop_last):
+            index = order[low:high]
             images = (self.images[index].float() - self.mean) / self.std
             if self.augment:
-                window = slice(start, start + batch_size)
+                window = slice(low, high)
                 images = random_crop_flip(images, shifts[window], flips[window], padding)
             yield self._resize(images), self.labels[index]
 
@@ -323,18 +373,26 @@ class ImageFolderSource:
         return count_batches(self.num_samples, batch_size, drop_last)
 
     def batches(
-        self, batch_size: int, *, epoch: int, seed: int, shuffle: bool, drop_last: bool
+        self,
+        batch_size: int,
+        *,
+        epoch: int,
+        seed: int,
+        shuffle: bool,
+        drop_last: bool,
+        share: Share = WHOLE,
     ) -> Iterator[tuple[Tensor, Tensor]]:
         generator = epoch_generator(seed, epoch)
         order = self.indices
         if shuffle:
             order = order[torch.randperm(self.num_samples, generator=generator)]
         sample_seeds = torch.randint(0, 2**62, (self.num_samples,), generator=generator)
+        keys = list(zip(order.tolist(), sample_seeds.tolist(), strict=True))
+        # only this replica's images are decoded: its rows, or its batches
+        ranges = share.ranges(self.num_samples, batch_size, drop_last)
         loader = torch.utils.data.DataLoader(
             self.images,
-            batch_size=batch_size,
-            sampler=list(zip(order.tolist(), sample_seeds.tolist(), strict=True)),
-            drop_last=drop_last,
+            batch_sampler=[keys[low:high] for low, high in ranges],
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=generator,  # worker base seeds: keeps the global RNG untouched

@@ -40,6 +40,7 @@ from guidance_tune.training.parallel import (
     rank,
     replicas,
     shard,
+    share,
     sum_over_replicas,
 )
 
@@ -253,8 +254,8 @@ def loss_diverged(run: Run, loss: float) -> bool:
 
 def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float]:
     """Metrics accumulate on the device; the only host syncs are the run's first loss and the
-    periodic divergence check. Data parallel, each replica takes its rows of global batch k
-    (:func:`~.parallel.shard`) and every loss a decision or a metric reads is the mean over
+    periodic divergence check. Data parallel, each replica reads only its rows of global batch
+    k (:func:`~.parallel.share`) and every loss a decision or a metric reads is the mean over
     the replicas: the global batch's."""
     cfg = run.config.train
     total = run.data.train.num_batches(cfg.batch_size, drop_last=True)
@@ -264,10 +265,15 @@ def train_one_epoch(run: Run, epoch: int, reporter: Reporter) -> dict[str, float
     steps = 0
     run.target.train()
     batches = run.data.train.batches(
-        cfg.batch_size, epoch=epoch, seed=cfg.seed, shuffle=True, drop_last=True
+        cfg.batch_size,
+        epoch=epoch,
+        seed=cfg.seed,
+        shuffle=True,
+        drop_last=True,
+        share=share("rows"),
     )
     for x, y in batches:
-        task, guidance = guided_loss(run, shard(x), shard(y))
+        task, guidance = guided_loss(run, x, y)
         loss = task + guidance
         optimizer_step(run, loss)
         sums += torch.stack([loss.detach(), task.detach(), guidance.detach()]).float()
@@ -300,10 +306,16 @@ def evaluate(run: Run, split: str = "val") -> dict[str, float]:
     task, num_classes = run.task, run.data.num_classes
     sums = None
     batches = getattr(run.data, split).batches(
-        run.config.train.eval_batch_size, epoch=0, seed=0, shuffle=False, drop_last=False
+        run.config.train.eval_batch_size,
+        epoch=0,
+        seed=0,
+        shuffle=False,
+        drop_last=False,
+        share=share("batches"),
     )
-    batches = itertools.islice(batches, run.config.train.max_eval_batches)
-    for x, y in itertools.islice(batches, rank(), None, replicas()):
+    if (first := run.config.train.max_eval_batches) is not None:  # of the whole split's
+        batches = itertools.islice(batches, len(range(rank(), first, replicas())))
+    for x, y in batches:
         with run.autocast():
             logits = run.target(x)
         batch = task.score_sums(logits, y, num_classes)

@@ -2,8 +2,10 @@
 a torch.distributed group (gloo on CPU, NCCL on CUDA), with the single process's gradient.
 
 ``train.batch_size`` stays the global batch; replica ``r`` of ``N`` takes rows
-``[r b/N, (r+1) b/N)`` of it (:func:`shard`), so the gathered Grams' rows are the single
-process's in order. Three things make a step the single-process step of that batch:
+``[r b/N, (r+1) b/N)`` of it, so the gathered Grams' rows are the single process's in order. It
+reads only those rows (:func:`share`: an image folder decodes only them), and evaluates whole
+batches ``r, r + N, ...``; the noise warm-up draws the global batch's noise and takes its rows
+(:func:`shard`). Three things make a step the single-process step of that batch:
 
 - the guidance Grams are the whole batch's (:mod:`guidance_tune.guidance.gather`, with
   ``guidance.batch: global``);
@@ -31,13 +33,14 @@ import multiprocessing
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from guidance_tune.data.splits import Share
 from guidance_tune.guidance.gather import replicas
 
 # How long a replica waits in a collective for the others (a replica that died ends the wait
@@ -62,6 +65,12 @@ def shard(batch: Tensor) -> Tensor:
         )
     rows = batch.shape[0] // count
     return batch[rank() * rows : (rank() + 1) * rows]
+
+
+def share(by: Literal["rows", "batches"]) -> Share:
+    """What this replica reads of a split's batches: its rows of each (training), or every
+    N-th whole batch (evaluation); the whole split outside a process group."""
+    return Share(rank(), replicas(), by)
 
 
 @torch.no_grad()
