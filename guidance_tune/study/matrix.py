@@ -317,10 +317,8 @@ def measure_alignments(
     from guidance_tune.tracking.analysis import analyse_under
     from guidance_tune.tracking.record import load_run_config_from_mlflow
 
-    same = known is not None and (known.get("split"), known.get("permutations")) == (
-        SPLIT,
-        permutations,
-    )
+    how = {"split": SPLIT, "permutations": permutations}  # what the known measures must share
+    same = known is not None and all(known.get(k) == v for k, v in how.items())
     record = dict(known["measured"]) if same else {}
     runs = {(row.tags[ARM_TAG], row.tags.get("seed", "")): row for row in rows}
     wanted, missing = [], []  # (arm, kind, key); (run id, config) to measure
@@ -352,8 +350,7 @@ def measure_alignments(
             alignment.chance.append(_read(record[key], "chance", matrix.measure))
         else:
             alignment.base.append(_read(record[key], "scores", matrix.measure))
-    kept = {"split": SPLIT, "permutations": permutations, "measured": record}
-    return alignments, kept, len(missing)
+    return alignments, {**how, "measured": record}, len(missing)
 
 
 def matrix_report(
