@@ -47,7 +47,7 @@ class Cluster:
     (as on separate machines: a shared one lets a node's clean-up of a job's working dir pull
     it from under the other); socket paths must stay under 107 bytes."""
 
-    COMMON = ["--num-cpus", "1", "--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
+    COMMON = ["--num-gpus", "0", "--node-ip-address", "127.0.0.1", "--block"]
 
     def __init__(self, logs: Path, env) -> None:
         self.logs, self.env = logs, env
@@ -65,18 +65,19 @@ class Cluster:
         names += ("runtime-env-agent", "ray-client-server")
         return [item for name in names for item in (f"--{name}-port", str(free_port()))]
 
-    def _start(self, args: list[str]) -> Path:
+    def _start(self, args: list[str], cpus: int = 1) -> Path:
         self.temps.append(tempfile.mkdtemp(prefix="gt-ray-"))
         log = self.logs / f"node-{len(self.nodes)}.log"
         command = [str(BIN / "ray"), "start", *args, "--temp-dir", self.temps[-1]]
-        self.nodes.append(start(command + self.COMMON + self.own_ports(), log, self.env))
+        command += ["--num-cpus", str(cpus), *self.COMMON, *self.own_ports()]
+        self.nodes.append(start(command, log, self.env))
         return log
 
-    def start_head(self) -> None:
+    def start_head(self, cpus: int = 1) -> None:
         port = self.address.rpartition(":")[2]
         dashboard_port = self.jobs.rpartition(":")[2]
         dashboard = ["--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard_port]
-        log = self._start(["--head", "--port", port, *dashboard])
+        log = self._start(["--head", "--port", port, *dashboard], cpus)
         wait_until(lambda: "Ray runtime started" in log.read_text(), 90, "head")
 
     def add_node(self, alive: int) -> None:
@@ -84,16 +85,29 @@ class Cluster:
         self._start(["--address", self.address])
         wait_until(lambda: _node_count(self.address, self.env) == alive, 180, f"node {alive}")
 
-    def kill(self, node: int) -> None:
-        """Node ``node`` lost at once, as a machine is: every process of it, SIGKILL, no
-        clean-up. Its raylet's workers are in process groups of their own, so the tree."""
+    def processes(self, node: int) -> list[int]:
+        """Every process of node ``node``: its raylet's workers are in process groups of their
+        own, so the tree."""
         root = self.nodes[node].pid
-        for pid in [root, *_descendants(root)]:
+        return [root, *_descendants(root)]
+
+    def _signal(self, node: int, number: int) -> None:
+        for pid in self.processes(node):
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, number)
             except ProcessLookupError:  # ended meanwhile
                 pass
+
+    def kill(self, node: int) -> None:
+        """Node ``node`` lost at once, as a machine is: every process of it, SIGKILL, no
+        clean-up; its connections close."""
+        self._signal(node, signal.SIGKILL)
         self.nodes[node].wait()
+
+    def freeze(self, node: int) -> None:
+        """Node ``node`` gone silent, as a machine cut off the network or powered off is: every
+        process of it stopped, its connections left open (kill() ends it)."""
+        self._signal(node, signal.SIGSTOP)
 
     def stop(self) -> None:
         stop(*self.nodes)
@@ -293,3 +307,66 @@ def test_a_two_worker_trial_that_loses_a_node_goes_on_from_its_checkpoint_in_its
         other.split("@")[1] for other in child.data.tags["replicas"].split(",")
     }
     assert len(nodes) == 2  # the retry ran on the head and the new node, a worker on each
+
+
+def test_a_two_worker_trial_whose_replica_node_goes_silent_is_retried_in_seconds(
+    tmp_path, env, mlflow_server
+):
+    # a frozen node closes no connection: without the trial's watch, its process would wait in
+    # a collective for the group's 30-minute timeout. Ray declares the node dead by its health
+    # checks (made quick here: about 3 s) and the trial is retried on a new node.
+    quick = {
+        "RAY_health_check_initial_delay_ms": "1000",
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = study_dict(
+        "node-silent",
+        tmp_path,
+        num_trials=1,
+        scheduler={"kind": "fifo"},
+        tracking_uri=mlflow_server,
+        register_model=False,
+        resources={"cpus": 1, "workers": 2},
+    )
+    spec["target"] = scripted_target(markers, hold_at=STEPS + 2)
+    path = tmp_path / "node-silent.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cluster = Cluster(tmp_path / "cluster", {**env, **quick})
+    launched = silent = None
+    try:
+        cluster.start_head(cpus=0)  # the two workers go to nodes 1 and 2, one each
+        cluster.add_node(alive=2)
+        cluster.add_node(alive=3)
+        launch = ["study", "launch", str(path), "--address", cluster.address]
+        launched = start([str(BIN / "guidance-tune"), *launch], tmp_path / "launch.log", env)
+        wait_until(lambda: any(markers.glob("held-*")), 300, "a held replica")
+        client = mlflow.MlflowClient(mlflow_server)
+        experiment = client.get_experiment_by_name("node-silent")
+        (child,) = client.search_runs(
+            [experiment.experiment_id], "tags.`guidance_tune.role` = 'trial'"
+        )
+        replica = int(child.data.tags["replicas"].split("@")[0])
+        silent = next(node for node in (1, 2) if replica in cluster.processes(node))
+        cluster.freeze(silent)  # the node of the replica, not of the trial's process
+        lost_ms = int(time.time() * 1000)
+        (markers / RELEASE_FILE).touch()
+        cluster.add_node(alive=3)  # the retry's second worker goes there
+        launched.wait(timeout=300)  # not the 30 minutes of the collective's timeout
+    finally:
+        if launched is not None:
+            stop(launched)
+        if silent is not None:  # stopped processes take no SIGTERM
+            cluster.kill(silent)
+        cluster.stop()
+    console = (tmp_path / "launch.log").read_text()
+    assert launched.returncode == 0, console[-3000:]
+    assert "1 trials, 0 failed" in console
+    (child,) = client.search_runs([experiment.experiment_id], "tags.`guidance_tune.role` = 'trial'")
+    assert child.info.status == "FINISHED" and child.data.tags["status"] == "finished"
+    history = client.get_metric_history(child.info.run_id, "val/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # no epoch lost, none logged twice
+    assert all(m.timestamp > lost_ms for m in history if m.step > 1)

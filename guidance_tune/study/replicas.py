@@ -13,12 +13,17 @@ The replicas are the trial's: when it ends, however it ends (finished, stopped b
 bundles go back with the placement group Tune made for the trial, so a stopped trial leaves
 nothing behind for the next to wait on. A replica that dies (its node lost) breaks replica 0's
 next collective, so the trial fails and Tune retries it, all replicas together, from its last
-checkpoint.
+checkpoint. A node that vanishes without closing its connections (powered off, cut off the
+network) breaks nothing: replica 0 would wait in its collective for the group's timeout (30
+minutes). Ray declares such a node dead within seconds, and with it the replicas there; the
+trial's watch (:class:`_Watch`) then ends the trial's process, and Tune retries it the same way.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,6 +45,8 @@ from guidance_tune.training.parallel import (
 )
 
 JOIN_SECONDS = 60.0  # for the other replicas to report the end of a trial that ended normally
+WATCH_SECONDS = 2.0  # how often a trial looks for a replica that Ray has lost with its node
+LEAVE_SECONDS = 10.0  # for the trial to fail by itself once a replica is lost, before it is ended
 
 
 @ray.remote
@@ -54,6 +61,38 @@ class Replica:
         quiet_trial_process()
         backend = backend_for(resolve_device(config.train.device))
         run_replica(rank, count, address, backend, fit_replica, (config, checkpoint))
+
+
+class _Watch(threading.Thread):
+    """Ends the trial's process when Ray has lost one of its replicas (``ActorDiedError``: its
+    node died, or its process did) and the trial has not ended by itself within
+    ``LEAVE_SECONDS``: it is waiting in a collective that nothing will end. A replica's own
+    error is left to the trial, whose collectives fail with it and say why."""
+
+    def __init__(self, done: list) -> None:
+        super().__init__(name="guidance-tune-replica-watch", daemon=True)
+        self.done, self.ended = done, threading.Event()
+
+    def run(self) -> None:
+        pending = list(self.done)
+        while pending and not self.ended.is_set():
+            ready, pending = ray.wait(pending, num_returns=1, timeout=WATCH_SECONDS)
+            for task in ready:
+                try:
+                    ray.get(task)
+                except ray.exceptions.ActorDiedError as error:
+                    if not self.ended.wait(LEAVE_SECONDS):
+                        print(
+                            f"guidance-tune: a data-parallel replica of this trial is lost "
+                            f"({error.__class__.__name__}: {str(error).splitlines()[0]}); ending "
+                            "the trial's process so that Tune retries it from its checkpoint",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        os._exit(1)
+                    return
+                except Exception:  # the replica's own error: the trial fails with it
+                    pass
 
 
 def placement_bundles(resources: ResourcesConfig) -> list[dict[str, float]]:
@@ -91,6 +130,8 @@ def trial_replicas(
         replica.train.remote(rank, count, address, config, shared)
         for rank, replica in enumerate(others, start=1)
     ]
+    watch = _Watch(done)
+    watch.start()
     try:
         join_group(0, count, address, backend_for(resolve_device(config.train.device)))
         try:
@@ -103,5 +144,6 @@ def trial_replicas(
         if not together:
             raise RuntimeError("a data-parallel replica left the trial before its end")
     finally:
+        watch.ended.set()  # before the kills, which it would take for losses
         for replica in others:
             ray.kill(replica)
