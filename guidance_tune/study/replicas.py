@@ -15,8 +15,9 @@ nothing behind for the next to wait on. A replica that dies (its node lost) brea
 next collective, so the trial fails and Tune retries it, all replicas together, from its last
 checkpoint. A node that vanishes without closing its connections (powered off, cut off the
 network) breaks nothing: replica 0 would wait in its collective for the group's timeout (30
-minutes). Ray declares such a node dead within seconds, and with it the replicas there; the
-trial's watch (:class:`_Watch`) then ends the trial's process, and Tune retries it the same way.
+minutes). Ray declares such a node dead by its health checks (tens of seconds by default), and
+with it the replicas there; the trial's watch (:class:`_Watch`) then ends the trial's process,
+and Tune retries it the same way.
 """
 
 from __future__ import annotations
