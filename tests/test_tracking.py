@@ -1,10 +1,12 @@
 """A run's record on a real `mlflow server` (SQLite behind it), as trials write it under load."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
+import pytest
 import torch
 
 from guidance_tune.config import DataConfig
@@ -57,3 +59,15 @@ def test_a_few_seconds_of_work_record_several_cpu_samples_the_first_a_real_one(m
     cpu = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(cpu) >= 3, cpu
     assert cpu[0] > 0, cpu  # psutil with no earlier reading says 0.0, whatever the load
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["mlflow server", "sqlite"])
+def test_a_json_artifact_reads_back_as_logged_and_a_missing_one_as_none(
+    served, mlflow_server, tmp_path
+):
+    uri = mlflow_server if served else f"sqlite:///{tmp_path}/mlflow.db"
+    record = RunRecord.start(uri, ensure_experiment(uri, "read-back"), "parent", {})
+    assert record.read_dict("report/kept.json") is None  # nothing logged yet
+    record.log_artifacts({"report/kept.json": json.dumps({"a": [1, 2.5, None]})})
+    assert record.read_dict("report/kept.json") == {"a": [1, 2.5, None]}
+    assert record.read_dict("report/other.json") is None  # its folder exists, it does not
