@@ -5,13 +5,9 @@ what it ranks by) and its ``study.json``, the whole study file, read back valida
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 from guidance_tune.config import ConfigError
 from guidance_tune.study.config import StudyConfig
-from guidance_tune.tracking.record import STUDY_ARTIFACT, mlflow_client
+from guidance_tune.tracking.record import STUDY_ARTIFACT, mlflow_client, read_json_artifact
 
 
 def study_params(spec: StudyConfig) -> dict[str, str]:
@@ -42,19 +38,13 @@ def study_params(spec: StudyConfig) -> dict[str, str]:
 
 def load_study_from_mlflow(tracking_uri: str, parent_run_id: str) -> StudyConfig:
     """The study file a parent run was launched with (its ``study.json``), validated."""
-    from mlflow.exceptions import MlflowException
     from pydantic import ValidationError
 
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            local = mlflow_client(tracking_uri).download_artifacts(
-                parent_run_id, STUDY_ARTIFACT, scratch
-            )
-        except (MlflowException, OSError):
-            raise ConfigError(
-                f"study run {parent_run_id} has no {STUDY_ARTIFACT}: launch the study again"
-            ) from None
-        data = json.loads(Path(local).read_text())
+    data = read_json_artifact(mlflow_client(tracking_uri), parent_run_id, STUDY_ARTIFACT)
+    if data is None:
+        raise ConfigError(
+            f"study run {parent_run_id} has no {STUDY_ARTIFACT}: launch the study again"
+        )
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as error:

@@ -281,14 +281,7 @@ class RunRecord:
 
     def read_dict(self, artifact_file: str) -> dict[str, Any] | None:
         """A JSON artifact of the run as logged, or None where it has none."""
-        from mlflow.exceptions import MlflowException
-
-        with tempfile.TemporaryDirectory() as scratch:
-            try:
-                local = self._client.download_artifacts(self.run_id, artifact_file, scratch)
-            except (MlflowException, OSError):
-                return None
-            return json.loads(Path(local).read_text())
+        return read_json_artifact(self._client, self.run_id, artifact_file)
 
     def log_artifacts(self, artifacts: dict[str, Any]) -> None:
         """Artifact path -> text (logged as a file) or matplotlib figure (as an image)."""
@@ -408,6 +401,19 @@ def resolve_run_id(tracking_uri: str, given: str) -> str:
     )
 
 
+def read_json_artifact(client, run_id: str, artifact_file: str) -> dict[str, Any] | None:
+    """A run's JSON artifact as logged, or None where the run has none (a local store and a
+    served one alike)."""
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = client.download_artifacts(run_id, artifact_file, scratch)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(local).read_text())
+
+
 def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
     """The exact config a trial or run trained with, validated like any other config input."""
     from mlflow.exceptions import MlflowException
@@ -426,12 +432,9 @@ def load_run_config_from_mlflow(tracking_uri: str, run_id: str) -> RunConfig:
             f"run {run_id} is study {study!r}'s parent run, not a trial: pick one of its trials "
             f"(guidance-tune study best {study})"
         )
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            local = client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch)
-        except (MlflowException, OSError):
-            raise ConfigError(
-                f"run {run_id} has no {CONFIG_ARTIFACT}: it was not recorded by guidance-tune"
-            ) from None
-        data = json.loads(Path(local).read_text())
+    data = read_json_artifact(client, run_id, CONFIG_ARTIFACT)
+    if data is None:
+        raise ConfigError(
+            f"run {run_id} has no {CONFIG_ARTIFACT}: it was not recorded by guidance-tune"
+        )
     return parse_run_config(data, source=f"MLflow run {run_id} {CONFIG_ARTIFACT}")
