@@ -261,24 +261,30 @@ def test_ray_job_submit_runs_a_study_on_the_cluster(tmp_path, env, mlflow_server
     assert "best guided best/loss" in submitted.stdout  # the job's output reaches the submitter
 
 
-def test_a_two_worker_trial_that_loses_a_node_goes_on_from_its_checkpoint_in_its_run(
-    tmp_path, env, mlflow_server
-):
+def _held_two_worker_study(name: str, tmp_path: Path, tracking_uri: str) -> tuple[Path, Path]:
+    """One trial of 2 workers of one node's CPU each (a worker on each node), each replica
+    holding mid-epoch 2 until ``markers/release``: the study file and the markers' folder."""
     markers = tmp_path / "markers"
     markers.mkdir()
     spec = study_dict(
-        "node-loss",
+        name,
         tmp_path,
         num_trials=1,
         scheduler={"kind": "fifo"},
-        tracking_uri=mlflow_server,
+        tracking_uri=tracking_uri,
         register_model=False,
-        resources={"cpus": 1, "workers": 2},  # one node's CPU each: a worker on each node
+        resources={"cpus": 1, "workers": 2},
     )
-    # each replica holds mid-epoch 2 until released
     spec["target"] = scripted_target(markers, hold_at=STEPS + 2)
-    path = tmp_path / "node-loss.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
+    return path, markers
+
+
+def test_a_two_worker_trial_that_loses_a_node_goes_on_from_its_checkpoint_in_its_run(
+    tmp_path, env, mlflow_server
+):
+    path, markers = _held_two_worker_study("node-loss", tmp_path, mlflow_server)
     with ray_cluster(tmp_path / "cluster", env) as cluster:
         launch = ["study", "launch", str(path), "--address", cluster.address]
         launched = start([str(BIN / "guidance-tune"), *launch], tmp_path / "launch.log", env)
@@ -321,20 +327,7 @@ def test_a_two_worker_trial_whose_replica_node_goes_silent_is_retried_in_seconds
         "RAY_health_check_timeout_ms": "1000",
         "RAY_health_check_failure_threshold": "3",
     }
-    markers = tmp_path / "markers"
-    markers.mkdir()
-    spec = study_dict(
-        "node-silent",
-        tmp_path,
-        num_trials=1,
-        scheduler={"kind": "fifo"},
-        tracking_uri=mlflow_server,
-        register_model=False,
-        resources={"cpus": 1, "workers": 2},
-    )
-    spec["target"] = scripted_target(markers, hold_at=STEPS + 2)
-    path = tmp_path / "node-silent.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path, markers = _held_two_worker_study("node-silent", tmp_path, mlflow_server)
     cluster = Cluster(tmp_path / "cluster", {**env, **quick})
     launched = silent = None
     try:
